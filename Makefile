@@ -1,0 +1,38 @@
+# `make run`: the whole workflow on the embedded default. `make test`: everything CI checks.
+# Both create .venv from requirements.txt on first use (and again when it changes).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CORES ?= 2
+
+# Offline by design: no hub downloads, no update checks, no telemetry.
+export NO_ALBUMENTATIONS_UPDATE := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export WANDB_MODE := disabled
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: run test lint install clean
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -r requirements.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --cores 1 --report results/report.html
+
+lint: install
+	$(BIN)/ruff check scripts tests bench
+	$(BIN)/ruff format --check scripts tests bench
+	$(BIN)/snakemake --lint
+
+test: lint
+	$(BIN)/pytest
+
+clean:
+	rm -rf results .snakemake
