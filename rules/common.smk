@@ -1,0 +1,37 @@
+# Helpers for the rules: shard list, URL lists.
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
+from hic.demo_world import planned_url_rows
+from snakemake.exceptions import WorkflowError
+from hic.shard_urls import count_rows, shard_count, shard_name
+
+
+DEMO_URLS = "results/demo/urls.parquet"
+
+
+def url_lists():
+    """config url_list as a list (--config url_list=a.parquet gives a string)."""
+    lists = config["url_list"]
+    return [lists] if isinstance(lists, str) else list(lists)
+
+
+def n_shards():
+    """Shard count, fixed when the DAG is built (see hic.shard_urls)."""
+    if config["shards"]["count"]:
+        return config["shards"]["count"]
+    size = config["shards"]["size"]
+    if url_lists() == [DEMO_URLS]:  # planned, so the count is the same before and after
+        world = config["demo_world"]
+        return shard_count(planned_url_rows(world["n_images"], world["broken"]), size)
+    missing = [p for p in url_lists() if not Path(p).exists()]
+    if missing:
+        raise WorkflowError(
+            f"url_list {missing} not found. Fix the path, or set shards.count to build "
+            "the workflow before the lists exist."
+        )
+    return shard_count(sum(count_rows(Path(p)) for p in url_lists()), size)
+
+
+SHARDS = [shard_name(i) for i in range(n_shards())]

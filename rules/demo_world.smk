@@ -1,0 +1,18 @@
+rule demo_world:
+    output:
+        urls=DEMO_URLS,
+        reference="results/demo/reference.parquet",
+        images=directory("results/demo/images"),
+        benchmark=directory("results/demo/benchmark"),
+        summary="results/demo/summary.json",
+    params:
+        world=lookup(dpath="demo_world", within=config),
+    log:
+        "results/logs/demo_world.log",
+    benchmark:
+        "results/benchmarks/demo_world.tsv"
+    conda:
+        "../envs/demo_world.yaml"
+    threads: 1
+    script:
+        "../scripts/demo_world.py"

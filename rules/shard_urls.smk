@@ -1,0 +1,20 @@
+rule shard_urls:
+    input:
+        url_lists(),
+    output:
+        shards=expand("results/urls/{shard}.parquet", shard=SHARDS),
+        rejected="results/urls/rejected.parquet",
+        summary="results/urls/summary.json",
+    params:
+        n_shards=len(SHARDS),
+        schemes=lookup(dpath="shard_urls/schemes", within=config),
+        columns=lookup(dpath="shard_urls/columns", within=config),
+    log:
+        "results/logs/shard_urls.log",
+    benchmark:
+        "results/benchmarks/shard_urls.tsv"
+    conda:
+        "../envs/shard_urls.yaml"
+    threads: 2
+    script:
+        "../scripts/shard_urls.py"

@@ -1,0 +1,126 @@
+"""The workflow as a user runs it: lint, config validation, dry runs and the tiny end-to-end run."""
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO, copy_workflow, planned_jobs, snakemake
+
+# A smaller demo world than the default, so the end-to-end run takes seconds.
+TINY = """
+demo_world: {n_images: 36, n_benchmark_pairs: 4, width: 96, height: 72}
+shards: {size: 16}
+"""
+
+
+def test_lint_is_clean():
+    proc = snakemake(REPO, "--lint")
+    assert "Congratulations" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("shards: {sise: 3}\n", "sise"),  # typo of a nested key
+        ("url_lsit: x.parquet\n", "url_lsit"),  # typo of a top-level key
+        ("download: {timeout: soon}\n", "timeout"),  # wrong type
+    ],
+)
+def test_config_mistakes_fail_naming_the_key(workflow, override, named):
+    (workflow / "bad.yaml").write_text(override)
+    proc = snakemake(workflow, "--dry-run", "--configfile", "bad.yaml", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "Error validating config file" in out and named in out
+
+
+def test_missing_url_list_is_explained(workflow):
+    proc = snakemake(workflow, "--dry-run", "--config", "url_list=nowhere.csv", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "nowhere.csv" in out and "shards.count" in out
+
+
+def test_paper_config_builds_its_dag_without_reading_the_lists(workflow):
+    # shards.count is fixed there; the list only has to exist for the dry run.
+    (workflow / "data/laion").mkdir(parents=True)
+    pq.write_table(
+        pa.table({"URL": ["http://x/1.jpg"]}), workflow / "data/laion/part-00000.parquet"
+    )
+    jobs = planned_jobs(workflow, "--configfile", "configs/paper.yaml")
+    assert jobs["download"] == 1200 and jobs["shard_urls"] == 1 and jobs["stats"] == 1
+    assert "demo_world" not in jobs
+
+
+def test_shard_count_follows_a_real_url_list(workflow):
+    urls = [f"http://img.example/{i}.jpg" for i in range(50)]
+    pq.write_table(pa.table({"URL": urls, "TEXT": ["x"] * 50}), workflow / "mine.parquet")
+    jobs = planned_jobs(workflow, "--config", "url_list=mine.parquet")
+    assert jobs["download"] == 1 and "demo_world" not in jobs  # default size: 10k rows a shard
+    (workflow / "small.yaml").write_text("shards: {size: 20}\n")
+    jobs = planned_jobs(workflow, "--config", "url_list=mine.parquet", "--configfile", "small.yaml")
+    assert jobs["download"] == 3
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """The whole workflow, run once on a tiny demo world."""
+    wf = copy_workflow(tmp_path_factory.mktemp("tiny"))
+    (wf / "tiny.yaml").write_text(TINY)
+    snakemake(wf, "--configfile", "tiny.yaml", "--cores", "2")
+    return wf
+
+
+def test_tiny_run_downloads_every_good_url_and_accounts_for_the_rest(tiny_run):
+    summary = json.loads((tiny_run / "results/urls/summary.json").read_text())
+    statuses = [pq.read_table(p) for p in sorted((tiny_run / "results/images").glob("*.parquet"))]
+    assert len(statuses) == summary["n_shards"] == 3
+    status = pa.concat_tables(statuses).to_pylist()
+    keys = [r["key"] for r in status]
+    assert len(keys) == len(set(keys)) == summary["sharded_rows"]
+    assert summary["input_rows"] == summary["sharded_rows"] + sum(summary["rejected"].values())
+    assert summary["rejected"] == {"duplicate_url": 1, "empty_url": 1, "unsupported_scheme": 1}
+    by_status = {}
+    for row in status:
+        by_status.setdefault(row["status"], []).append(row["error_type"])
+    assert len(by_status["success"]) == 36
+    assert sorted(by_status["failed_to_download"]) == ["not_found", "not_found"]
+    assert sorted(by_status["failed_to_resize"]) == ["decode_error"] * 4  # html, truncated
+    reference = pq.read_table(tiny_run / "results/demo/reference.parquet")
+    ok = {r["key"] for r in status if r["status"] == "success"}
+    assert ok == set(reference.column("key").to_pylist())  # keys join images to annotations
+
+
+def test_tiny_run_writes_stats_and_plots(tiny_run):
+    stats = tiny_run / "results/stats"
+    md = (stats / "summary.md").read_text()
+    assert "Downloaded: 36 (85.7%)" in md
+    assert (stats / "download_status.png").stat().st_size > 1000
+    assert (stats / "distributions.png").stat().st_size > 1000
+    errors = (stats / "download_errors.csv").read_text()
+    assert "decode_error,4" in errors and "not_found,2" in errors
+
+
+def test_second_run_has_nothing_to_do(tiny_run):
+    assert planned_jobs(tiny_run, "--configfile", "tiny.yaml") == {}
+
+
+def test_changing_a_stats_parameter_reruns_stats_only(tiny_run):
+    (tiny_run / "stats.yaml").write_text("stats: {histogram_bins: 7}\n")
+    jobs = planned_jobs(tiny_run, "--configfile", "tiny.yaml", "stats.yaml")
+    assert jobs == {"stats": 1, "all": 1}
+
+
+def test_changing_a_download_setting_reruns_download_and_stats(tiny_run):
+    (tiny_run / "dl.yaml").write_text("download: {timeout: 7}\n")
+    jobs = planned_jobs(tiny_run, "--configfile", "tiny.yaml", "dl.yaml")
+    assert jobs == {"download": 3, "stats": 1, "all": 1}
+
+
+def test_html_report(tiny_run):
+    snakemake(tiny_run, "--configfile", "tiny.yaml", "--report", "report.html")
+    html = (tiny_run / "report.html").read_text(errors="replace")
+    assert "download_status.png" in html and "summary.md" in html
