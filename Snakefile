@@ -14,18 +14,22 @@ include: "rules/common.smk"
 
 wildcard_constraints:
     shard=r"\d{5}",
+    arch=r"[a-z0-9_]+",
 
 
 
 include: "rules/demo_world.smk"
 include: "rules/shard_urls.smk"
 include: "rules/download.smk"
+include: "rules/build_models.smk"
+include: "rules/caption_scene.smk"
 include: "rules/stats.smk"
 
 
 rule all:
     input:
         rules.stats.output,
+        expand("results/scene/{shard}.parquet", shard=SHARDS),
 
 
 localrules:

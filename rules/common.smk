@@ -35,3 +35,10 @@ def n_shards():
 
 
 SHARDS = [shard_name(i) for i in range(n_shards())]
+
+
+def model_files(role):
+    """A model the workflow builds itself (a tiny one under resources/) is an input of its
+    users; a hub id with a revision is a param only, read from the Hugging Face cache."""
+    model_id = config["models"][role]["id"]
+    return [model_id] if model_id.startswith("resources/models/") else []

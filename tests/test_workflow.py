@@ -114,13 +114,34 @@ def test_changing_a_stats_parameter_reruns_stats_only(tiny_run):
     assert jobs == {"stats": 1, "all": 1}
 
 
-def test_changing_a_download_setting_reruns_download_and_stats(tiny_run):
+def test_changing_a_download_setting_reruns_download_and_downstream(tiny_run):
     (tiny_run / "dl.yaml").write_text("download: {timeout: 7}\n")
     jobs = planned_jobs(tiny_run, "--configfile", "tiny.yaml", "dl.yaml")
-    assert jobs == {"download": 3, "stats": 1, "all": 1}
+    assert jobs == {"download": 3, "caption_scene": 3, "stats": 1, "all": 1}
+
+
+def test_tiny_run_captions_every_downloaded_image(tiny_run):
+    for status_file in sorted((tiny_run / "results/images").glob("*.parquet")):
+        status = pq.read_table(status_file).to_pylist()
+        scene = pq.read_table(tiny_run / "results/scene" / status_file.name).to_pylist()
+        assert [r["key"] for r in scene] == [r["key"] for r in status]
+        for down, cap in zip(status, scene, strict=True):
+            if down["status"] == "success":
+                assert cap["status"] in ("ok", "unparsed") and cap["seconds"] > 0
+                assert cap["model_id"] == "resources/models/tiny-qwen2_5_vl"
+            else:
+                assert cap["status"] == "failed" and cap["reason"].startswith("not downloaded")
 
 
 def test_html_report(tiny_run):
     snakemake(tiny_run, "--configfile", "tiny.yaml", "--report", "report.html")
     html = (tiny_run / "report.html").read_text(errors="replace")
     assert "download_status.png" in html and "summary.md" in html
+
+
+def test_editing_a_caption_prompt_reruns_captioning_and_downstream_only(tiny_run):
+    # Last in this module: it leaves the prompt edited.
+    prompt = tiny_run / "prompts/scene_long.txt"
+    prompt.write_text(prompt.read_text() + "Mention the weather.\n")
+    jobs = planned_jobs(tiny_run, "--configfile", "tiny.yaml")
+    assert jobs == {"caption_scene": 3, "all": 1}

@@ -1,0 +1,310 @@
+"""Scene captioning: a short and a long caption per downloaded image.
+
+Two prompts, one task each, rather than one structured prompt: a small or noisy model
+rarely breaks a plain-text answer, while a JSON or sectioned answer fails as a whole; and
+the short caption is not a summary of a long one that may be wrong. The cost is a second
+prefill of the image per image, which vLLM's prefix cache mostly absorbs.
+
+Resumable inside a shard: finished rows are flushed every ``flush_every`` batches to
+``<out>.parts/part-NNNNN.parquet`` (atomic rename). A restarted job keeps the parts written
+under the same fingerprint (model, prompts, settings, input keys), captions only the rest,
+and the final parquet is assembled from the parts: no row is lost or captioned twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import tarfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+KINDS = ("short", "long")
+IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp"}
+
+#: Columns of ``results/scene/{shard}.parquet``: one row per URL of the download shard.
+SCENE_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("short_caption", pa.string()),
+        ("long_caption", pa.string()),
+        ("status", pa.string()),  # ok | unparsed | failed
+        ("reason", pa.string()),  # why not ok
+        ("short_raw", pa.string()),  # model output, kept only when it did not parse
+        ("long_raw", pa.string()),
+        ("short_words", pa.int32()),
+        ("long_words", pa.int32()),
+        ("seconds", pa.float32()),  # this image's share of its batch's model time
+        ("model_id", pa.string()),
+        ("model_revision", pa.string()),
+        ("prompt_hash", pa.string()),
+        ("generation", pa.string()),  # JSON of the generation settings
+    ]
+)
+
+
+@dataclass(frozen=True)
+class CaptionSettings:
+    """The config's ``caption_scene`` section (see schemas/config.schema.yaml)."""
+
+    backend: str = "transformers"
+    batch_size: int = 8
+    max_new_tokens: dict[str, int] = field(default_factory=lambda: {"short": 48, "long": 320})
+    words: dict[str, list[int]] = field(
+        default_factory=lambda: {"short": [3, 40], "long": [15, 500]}
+    )
+    min_pixels: int = 3136
+    max_pixels: int = 802816
+    flush_every: int = 8
+    do_sample: bool = False
+    temperature: float = 1.0
+
+    def generation(self) -> str:
+        keys = ("max_new_tokens", "min_pixels", "max_pixels", "do_sample", "temperature")
+        return json.dumps({k: asdict(self)[k] for k in keys}, sort_keys=True)
+
+
+class Backend(Protocol):
+    """Anything that turns (image, prompt) pairs into texts, in order."""
+
+    def generate(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], max_new_tokens: int
+    ) -> list[str]: ...
+
+
+def prompt_hash(prompts: dict[str, str]) -> str:
+    text = "\0".join(f"{k}\0{prompts[k]}" for k in KINDS)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# Prefaces chatty models put before the caption, and markdown they wrap it in.
+_PREFACE = re.compile(
+    r"^(sure|certainly|here is|here's)[^\n:]*[:\n]\s*|^(short |long |dense )?(caption|description)"
+    r"\s*:\s*",
+    re.IGNORECASE,
+)
+_MARKDOWN = re.compile(r"[*#_`]+")
+
+
+def clean_caption(text: str) -> str:
+    text = _MARKDOWN.sub("", text).strip()
+    for _ in range(2):  # "Sure! Caption: ..." carries two prefaces
+        text = _PREFACE.sub("", text, count=1).strip()
+    text = text.strip("\"'“”‘’ ").strip()
+    return re.sub(r"\s+", " ", text)
+
+
+def parse_caption(text: str, kind: str, words: Sequence[int]) -> tuple[str | None, str | None]:
+    """(caption, None) when ``text`` reads as a caption of this kind, else (None, reason)."""
+    caption = clean_caption(text)
+    if not caption:
+        return None, f"{kind}: empty output"
+    if "\ufffd" in caption:  # bytes that decode to no character: a broken token stream
+        return None, f"{kind}: not text (invalid UTF-8 bytes)"
+    letters = sum(c.isalpha() for c in caption)
+    visible = sum(not c.isspace() for c in caption)
+    if letters < 0.6 * visible:
+        return None, f"{kind}: not text ({letters}/{visible} letters)"
+    n = len(caption.split())
+    low, high = words
+    if kind == "short" and n > high:
+        # A sound fallback: a short caption that ran on keeps its first sentence.
+        first = re.split(r"(?<=[.!?])\s", caption, maxsplit=1)[0]
+        if low <= len(first.split()) <= high:
+            return first, None
+    if not low <= n <= high:
+        return None, f"{kind}: {n} words, expected {low}-{high}"
+    return caption, None
+
+
+def read_images(tar: Path, skip: set[str]) -> Iterator[tuple[str, Image.Image | None, str | None]]:
+    """(key, image, None) per image in a download tar, or (key, None, reason) if undecodable."""
+    with tarfile.open(tar) as t:
+        for member in t:
+            key, _, ext = member.name.partition(".")
+            if ext.lower() not in IMAGE_EXTENSIONS or key in skip:
+                continue
+            data = t.extractfile(member).read()
+            try:
+                image = Image.open(io.BytesIO(data))
+                image.load()
+            except (OSError, Image.DecompressionBombError) as err:
+                yield key, None, f"image does not decode: {err}"
+                continue
+            yield key, image.convert("RGB"), None
+
+
+def batches(items: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class PartStore:
+    """Flushed rows of an unfinished shard, valid only for one fingerprint."""
+
+    def __init__(self, folder: Path, fingerprint: str):
+        self.folder = folder
+        manifest = folder / "manifest.json"
+        if folder.exists() and (
+            not manifest.exists()
+            or json.loads(manifest.read_text()) != {"fingerprint": fingerprint}
+        ):
+            log.info("discarding parts of another configuration in %s", folder)
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest.write_text(json.dumps({"fingerprint": fingerprint}))
+
+    def parts(self) -> list[Path]:
+        return sorted(self.folder.glob("part-*.parquet"))
+
+    def read(self) -> pa.Table:
+        tables = [pq.read_table(p) for p in self.parts()]
+        return pa.concat_tables(tables) if tables else SCENE_SCHEMA.empty_table()
+
+    def write(self, rows: list[dict]) -> None:
+        path = self.folder / f"part-{len(self.parts()):05d}.parquet"
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(pa.Table.from_pylist(rows, schema=SCENE_SCHEMA), tmp)
+        os.replace(tmp, path)  # a killed job leaves a whole part or none
+
+
+def _row(key: str, provenance: dict, **values) -> dict:
+    row = dict.fromkeys(SCENE_SCHEMA.names)
+    row.update(provenance, key=key, **values)
+    return row
+
+
+def caption_batch(
+    backend: Backend,
+    batch: list[tuple[str, Image.Image]],
+    prompts: dict[str, str],
+    settings: CaptionSettings,
+    provenance: dict,
+) -> list[dict]:
+    images = [image for _, image in batch]
+    start = time.perf_counter()
+    texts = {
+        kind: backend.generate(images, [prompts[kind]] * len(images), settings.max_new_tokens[kind])
+        for kind in KINDS
+    }
+    seconds = (time.perf_counter() - start) / len(batch)
+    rows = []
+    for i, (key, _) in enumerate(batch):
+        parsed = {k: parse_caption(texts[k][i], k, settings.words[k]) for k in KINDS}
+        reasons = [reason for _, reason in parsed.values() if reason]
+        rows.append(
+            _row(
+                key,
+                provenance,
+                short_caption=parsed["short"][0],
+                long_caption=parsed["long"][0],
+                status="unparsed" if reasons else "ok",
+                reason="; ".join(reasons) or None,
+                short_raw=texts["short"][i] if parsed["short"][1] else None,
+                long_raw=texts["long"][i] if parsed["long"][1] else None,
+                short_words=len(parsed["short"][0].split()) if parsed["short"][0] else 0,
+                long_words=len(parsed["long"][0].split()) if parsed["long"][0] else 0,
+                seconds=seconds,
+            )
+        )
+    return rows
+
+
+def caption_shard(
+    tar: Path,
+    status: Path,
+    out: Path,
+    prompts: dict[str, str],
+    settings: CaptionSettings,
+    backend: Backend,
+    model: dict,
+) -> dict:
+    """Caption every downloaded image of a shard into ``out`` (SCENE_SCHEMA), resumably.
+
+    ``model`` is ``{"id", "revision"}`` for provenance; ``backend`` does the generation.
+    """
+    downloads = pq.read_table(status, columns=["key", "status", "error_type"]).to_pylist()
+    provenance = {
+        "model_id": model["id"],
+        "model_revision": model.get("revision"),
+        "prompt_hash": prompt_hash(prompts),
+        "generation": settings.generation(),
+    }
+    fingerprint = hashlib.sha256(
+        json.dumps([provenance, [d["key"] for d in downloads]]).encode()
+    ).hexdigest()
+    store = PartStore(out.with_name(out.name + ".parts"), fingerprint)
+    done = set(store.read().column("key").to_pylist())
+    resumed = len(done)
+    if resumed:
+        log.info("resuming: %d rows already flushed in %d parts", resumed, len(store.parts()))
+
+    pending: list[dict] = []
+    model_seconds, started, n_batches = 0.0, time.perf_counter(), 0
+    for batch in batches(read_images(tar, done), settings.batch_size):
+        good = [(key, image) for key, image, _ in batch if image is not None]
+        pending += [
+            _row(key, provenance, status="failed", reason=reason)
+            for key, image, reason in batch
+            if image is None
+        ]
+        if good:
+            t0 = time.perf_counter()
+            pending += caption_batch(backend, good, prompts, settings, provenance)
+            model_seconds += time.perf_counter() - t0
+        n_batches += 1
+        if n_batches % settings.flush_every == 0:
+            store.write(pending)
+            pending = []
+            log.info("flushed %d batches", n_batches)
+    if pending:
+        store.write(pending)
+
+    captioned = {r["key"]: r for r in store.read().to_pylist()}
+    rows = []
+    for d in downloads:
+        if d["status"] == "success":
+            if d["key"] not in captioned:
+                raise RuntimeError(
+                    f"{tar}: image {d['key']} is in the status table but not the tar"
+                )
+            rows.append(captioned[d["key"]])
+        else:
+            reason = f"not downloaded: {d['status']} ({d['error_type']})"
+            rows.append(_row(d["key"], provenance, status="failed", reason=reason))
+    table = pa.Table.from_pylist(rows, schema=SCENE_SCHEMA)
+    tmp = out.with_name(out.name + ".tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, out)
+    shutil.rmtree(store.folder)
+    total = time.perf_counter() - started
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "unparsed", "failed")}
+    return {
+        "rows": len(rows),
+        "status": counts,
+        "resumed_rows": resumed,
+        "captioned_now": len(captioned) - resumed,
+        "seconds_total": round(total, 3),
+        "seconds_model": round(model_seconds, 3),
+        "fraction_outside_model": round(1 - model_seconds / total, 4) if total else 0.0,
+    }

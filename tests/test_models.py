@@ -1,0 +1,219 @@
+import hashlib
+import warnings
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+from PIL import Image
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoModelForZeroShotObjectDetection,
+    AutoProcessor,
+)
+
+from hic import models
+from hic.models import ModelRef, ModelUnavailableError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline():
+    """Nothing here may reach the network. The hub reads the variable once, at import."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        yield
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def scene(width: int, height: int, shade: int) -> Image.Image:
+    image = Image.new("RGB", (width, height), (shade, 255 - shade, 90))
+    image.paste((20, 20, shade), (width // 4, height // 4, width // 2, height // 2))
+    return image
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny") / "tiny-qwen2_5_vl"
+    models.build_tiny_vlm(out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_dir):
+    return models.load_vlm(ModelRef(str(tiny_dir)), device="cpu")
+
+
+def test_model_ref_from_config():
+    assert ModelRef.from_config({"id": "Qwen/Qwen2.5-VL-7B-Instruct", "revision": "abc"}) == (
+        ModelRef("Qwen/Qwen2.5-VL-7B-Instruct", "abc")
+    )
+    assert ModelRef.from_config({"id": "resources/models/tiny"}).revision is None
+
+
+def test_tiny_model_loads_through_the_auto_classes(tiny_dir):
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir)
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert type(processor).__name__ == "Qwen2_5_VLProcessor"
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+    assert sum(p.stat().st_size for p in tiny_dir.iterdir()) < 5_000_000
+    card = (tiny_dir / "hic_model.json").read_text()
+    assert '"kind": "tiny random"' in card and '"seed": 0' in card
+
+
+def test_chat_template_renders_qwen2_5_vl_format(loaded):
+    _, processor = loaded
+    rendered = processor.apply_chat_template(
+        models.chat_messages("Describe the image."), add_generation_prompt=True, tokenize=False
+    )
+    assert rendered == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+        "Describe the image.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    with_system = processor.apply_chat_template(
+        models.chat_messages("Hi", system="Be brief."), tokenize=False
+    )
+    assert with_system.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    assert not with_system.endswith("assistant\n")
+
+
+def test_special_token_ids_agree_with_model_config(loaded):
+    model, processor = loaded
+    tokenizer, config = processor.tokenizer, model.config
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in models.QWEN_SPECIAL_TOKENS}
+    # Contiguous after the learned vocabulary, in the real tokenizer's order.
+    assert list(ids.values()) == list(range(ids["<|endoftext|>"], ids["<|endoftext|>"] + 14))
+    assert config.image_token_id == ids["<|image_pad|>"] == processor.image_token_id
+    assert config.video_token_id == ids["<|video_pad|>"]
+    assert config.vision_start_token_id == ids["<|vision_start|>"]
+    assert config.vision_end_token_id == ids["<|vision_end|>"]
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    assert model.generation_config.pad_token_id == tokenizer.pad_token_id
+    assert tokenizer.eos_token_id in model.generation_config.eos_token_id
+    assert config.text_config.vocab_size >= len(tokenizer)
+    encoded = tokenizer("<|im_start|>user\n<|image_pad|>")["input_ids"]
+    assert encoded[0] == ids["<|im_start|>"] and encoded[-1] == ids["<|image_pad|>"]
+
+
+def test_tokenizer_is_a_byte_level_bpe_of_about_2000_tokens(loaded):
+    tokenizer = loaded[1].tokenizer
+    assert 1500 <= len(tokenizer) <= 2100
+    text = "A small red car is parked next to the tall building, ünïcode 😀 included."
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    # Words of the built-in corpus are single tokens; unseen bytes still encode.
+    assert len(tokenizer(" building")["input_ids"]) == 1
+    assert tokenizer.padding_side == "left"
+
+
+def test_generate_texts_batches_like_single_calls(loaded):
+    model, processor = loaded
+    images = [scene(64, 48, 10), scene(200, 120, 120), scene(90, 300, 240)]
+    prompts = ["Describe the image.", "What objects are visible?", "Write a short caption."]
+    # Different image token counts give different prompt lengths, so the batch is padded.
+    grids = processor.image_processor(images=images, return_tensors="pt")["image_grid_thw"]
+    assert len({int(grid.prod()) for grid in grids}) == 3
+    batch = models.generate_texts(model, processor, images, prompts, max_new_tokens=12)
+    assert len(batch) == 3 and all(isinstance(text, str) and text for text in batch)
+    singles = [
+        models.generate_texts(model, processor, [image], [prompt], max_new_tokens=12)[0]
+        for image, prompt in zip(images, prompts, strict=True)
+    ]
+    assert batch == singles
+    assert models.generate_texts(model, processor, images, prompts, max_new_tokens=12) == batch
+
+
+def test_generate_texts_samples_and_checks_lengths(loaded):
+    model, processor = loaded
+    images, prompts = [scene(80, 80, 50)] * 2, ["Describe the image."] * 2
+    torch.manual_seed(0)
+    sampled = models.generate_texts(
+        model, processor, images, prompts, max_new_tokens=8, do_sample=True, temperature=1.5
+    )
+    assert len(sampled) == 2
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        models.generate_texts(model, processor, images, prompts[:1], max_new_tokens=4)
+
+
+def test_pixel_limits_bound_the_image_tokens(tiny_dir):
+    _, processor = models.load_vlm(ModelRef(str(tiny_dir)), device="cpu", max_pixels=28 * 28 * 4)
+    with warnings.catch_warnings():
+        # Limits given at load time must not ride along on each call (a deprecated path).
+        warnings.simplefilter("error")
+        inputs = processor(text=["<|image_pad|>"], images=[scene(400, 300, 0)], return_tensors="pt")
+    assert inputs["image_grid_thw"].prod().item() // 4 <= 4
+    _, default = models.load_vlm(ModelRef(str(tiny_dir)), device="cpu")
+    assert default.image_processor.size.longest_edge == models.TINY_MAX_PIXELS
+    assert default.image_processor.size.shortest_edge == models.TINY_MIN_PIXELS
+
+
+def test_build_is_reproducible_per_seed(tiny_dir, tmp_path):
+    rng_state = torch.random.get_rng_state()
+    models.build_tiny_vlm(tmp_path / "same", seed=0)
+    assert torch.equal(torch.random.get_rng_state(), rng_state)
+    assert file_digests(tmp_path / "same") == file_digests(tiny_dir)
+    models.build_tiny_vlm(tmp_path / "other", seed=1)
+    same, other = file_digests(tiny_dir), file_digests(tmp_path / "other")
+    assert same["model.safetensors"] != other["model.safetensors"]
+    assert same["tokenizer.json"] == other["tokenizer.json"]
+
+
+def test_tokenizer_corpus_can_be_given():
+    tokenizer = models.train_qwen_tokenizer(["zebra crossing"] * 50, vocab_size=300)
+    assert len(tokenizer(" crossing")["input_ids"]) == 1
+    assert tokenizer.convert_ids_to_tokens(len(tokenizer) - 1) == "<|video_pad|>"
+
+
+@pytest.mark.parametrize("model_id", ["resources/models/tiny-missing", "Qwen/Not-A-Cached-Model"])
+def test_missing_model_names_it_and_the_fix(model_id):
+    with pytest.raises(ModelUnavailableError) as caught:
+        models.load_vlm(ModelRef(model_id, "abc123"), device="cpu")
+    message = str(caught.value)
+    assert repr(model_id) in message
+    assert f"huggingface-cli download {model_id} --revision abc123" in message
+    assert "build_tiny_model" in message
+
+
+@pytest.fixture(scope="module")
+def owlv2_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny") / "tiny-owlv2"
+    models.build_tiny_owlv2(out, seed=0)
+    return out
+
+
+def test_clip_tokenizer_matches_open_clip():
+    from open_clip.tokenizer import SimpleTokenizer  # slow import, only here
+
+    ours, theirs = models.clip_tokenizer(), SimpleTokenizer()
+    texts = ["a photo of a cat", "Two RED double-decker buses, parked! wow !", "zebra crossing 42"]
+    for text in texts:
+        ids, expected = ours(text)["input_ids"], theirs(text, context_length=16)[0].tolist()
+        # open_clip pads to the context length with 0; "!" inside a text stays a BPE token.
+        assert expected == ids + [0] * (16 - len(ids))
+
+
+def test_tiny_owlv2_detects_and_post_processes(owlv2_dir, tmp_path):
+    processor = AutoProcessor.from_pretrained(owlv2_dir)
+    model = AutoModelForZeroShotObjectDetection.from_pretrained(owlv2_dir).eval()
+    assert type(model).__name__ == "Owlv2ForObjectDetection"
+    queries = [["a red car", "a dog"]]
+    inputs = processor(text=queries, images=[scene(120, 80, 30)], return_tensors="pt")
+    assert inputs["input_ids"].shape == (2, 16)
+    with torch.inference_mode():
+        outputs = model(**inputs)
+        # Padding with the end token instead of the hub's "!" (id 0) changes nothing.
+        zero_padded = torch.where(inputs["attention_mask"].bool(), inputs["input_ids"], 0)
+        assert torch.equal(model(**{**inputs, "input_ids": zero_padded}).logits, outputs.logits)
+    (result,) = processor.post_process_grounded_object_detection(
+        outputs, threshold=0.0, target_sizes=[(80, 120)], text_labels=queries
+    )
+    # One box per 16x16 patch of the 64x64 input, each labelled with one of the two queries.
+    assert result["boxes"].shape == (16, 4)
+    assert set(result["text_labels"]) <= {"a red car", "a dog"}
+    models.build_tiny_owlv2(tmp_path / "again", seed=0)
+    assert file_digests(tmp_path / "again") == file_digests(owlv2_dir)
