@@ -23,13 +23,20 @@ include: "rules/shard_urls.smk"
 include: "rules/download.smk"
 include: "rules/build_models.smk"
 include: "rules/caption_scene.smk"
+include: "rules/propose_regions.smk"
+include: "rules/select_regions.smk"
+include: "rules/verify_labels.smk"
+include: "rules/caption_regions.smk"
+include: "rules/refine_regions.smk"
+include: "rules/assemble.smk"
 include: "rules/stats.smk"
 
 
 rule all:
     input:
         rules.stats.output,
-        expand("results/scene/{shard}.parquet", shard=SHARDS),
+        rules.dataset_stats.output,
+        rules.dataset_card.output,
 
 
 localrules:

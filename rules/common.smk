@@ -42,3 +42,35 @@ def model_files(role):
     users; a hub id with a revision is a param only, read from the Hugging Face cache."""
     model_id = config["models"][role]["id"]
     return [model_id] if model_id.startswith("resources/models/") else []
+
+
+def vlm_pixels():
+    """Image-size limits the region stages share with scene captioning."""
+    scene = config["caption_scene"]
+    return {"min_pixels": scene["min_pixels"], "max_pixels": scene["max_pixels"]}
+
+
+def demo_reference():
+    """The demo world's reference annotations, for region recall, when the demo is the input."""
+    return ["results/demo/reference.parquet"] if url_lists() == [DEMO_URLS] else []
+
+
+def prompt_hashes():
+    """Hashes of the region stages' prompt files (their text is a rule input too)."""
+    import hashlib
+
+    names = ["verify_label", "correct_label", "region_caption", "region_refine"]
+    return {
+        n: hashlib.sha256(Path(f"prompts/{n}.txt").read_bytes()).hexdigest()[:16] for n in names
+    }
+
+
+def region_provenance():
+    """What produced the regions: models and revisions, prompts, settings."""
+    keys = ["propose_regions", "select_regions", "verify_labels", "caption_regions",
+            "refine_regions"]
+    return {
+        "models": {r: config["models"][r] for r in ("detector", "sam", "vlm")},
+        "prompts": prompt_hashes(),
+        "settings": {k: config[k] for k in keys},
+    }

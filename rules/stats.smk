@@ -11,7 +11,9 @@ rule stats:
         status_plot=report("results/stats/download_status.png", caption="../report/download_status_plot.rst", category="Statistics"),
         distributions_plot=report("results/stats/distributions.png", caption="../report/distributions.rst", category="Statistics"),
     params:
-        stats=lookup(dpath="stats", within=config),
+        quantiles=lookup(dpath="stats/quantiles", within=config),
+        histogram_bins=lookup(dpath="stats/histogram_bins", within=config),
+        top_errors=lookup(dpath="stats/top_errors", within=config),
     log:
         "results/logs/stats.log",
     benchmark:
@@ -21,3 +23,27 @@ rule stats:
     threads: 1
     script:
         "../scripts/stats.py"
+
+
+rule dataset_stats:
+    input:
+        release=expand("results/dataset/{shard}.parquet", shard=SHARDS),
+        reference=demo_reference(),
+    output:
+        summary=report("results/stats/dataset_summary.md", caption="../report/dataset_summary.rst", category="Dataset"),
+        numbers="results/stats/dataset_summary.json",
+        plot=report("results/stats/dataset.png", caption="../report/dataset_plot.rst", category="Dataset"),
+        tables=directory("results/stats/dataset_tables"),
+    params:
+        quantiles=lookup(dpath="stats/quantiles", within=config),
+        top_labels=lookup(dpath="stats/top_labels", within=config),
+        region_iou=lookup(dpath="stats/region_iou", within=config),
+    log:
+        "results/logs/dataset_stats.log",
+    benchmark:
+        "results/benchmarks/dataset_stats.tsv"
+    conda:
+        "../envs/stats.yaml"
+    threads: 1
+    script:
+        "../scripts/dataset_stats.py"

@@ -23,6 +23,7 @@ WORKFLOW_FILES = [
     "report",
     "profiles",
     "prompts",
+    "data",
 ]
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")

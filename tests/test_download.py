@@ -24,7 +24,7 @@ from hic.download import (
 )
 from hic.shard_urls import shard_url_lists, url_key
 
-TIMEOUT = 1  # seconds; /slow sleeps past it
+TIMEOUT = 3  # seconds; /slow sleeps past it (generous: a busy CI machine is slow)
 
 
 def jpeg(colour, size=(40, 30)) -> bytes:
@@ -58,7 +58,7 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/500":
             self.reply(500, b"boom", "text/plain")
         elif path == "/slow":
-            time.sleep(TIMEOUT + 2)
+            time.sleep(TIMEOUT + 3)
             self.reply(200, GOOD)
         elif path == "/html":
             self.reply(200, b"<html><body>not an image</body></html>", "text/html")

@@ -114,10 +114,28 @@ def test_changing_a_stats_parameter_reruns_stats_only(tiny_run):
     assert jobs == {"stats": 1, "all": 1}
 
 
+PER_SHARD_AFTER_SCENE = [
+    "propose_regions",
+    "select_regions",
+    "verify_labels",
+    "caption_regions",
+    "refine_regions",
+    "assemble",
+]
+GLOBAL_AFTER_REGIONS = {"dataset_stats": 1, "dataset_card": 1, "all": 1}
+
+
 def test_changing_a_download_setting_reruns_download_and_downstream(tiny_run):
     (tiny_run / "dl.yaml").write_text("download: {timeout: 7}\n")
     jobs = planned_jobs(tiny_run, "--configfile", "tiny.yaml", "dl.yaml")
-    assert jobs == {"download": 3, "caption_scene": 3, "stats": 1, "all": 1}
+    per_shard = ["download", "caption_scene", *PER_SHARD_AFTER_SCENE]
+    assert jobs == {**dict.fromkeys(per_shard, 3), "stats": 1, **GLOBAL_AFTER_REGIONS}
+
+
+def test_changing_a_selection_setting_reruns_from_selection_on(tiny_run):
+    (tiny_run / "sel.yaml").write_text("select_regions: {max_regions: 2}\n")
+    jobs = planned_jobs(tiny_run, "--configfile", "tiny.yaml", "sel.yaml")
+    assert jobs == {**dict.fromkeys(PER_SHARD_AFTER_SCENE[1:], 3), **GLOBAL_AFTER_REGIONS}
 
 
 def test_tiny_run_captions_every_downloaded_image(tiny_run):
@@ -136,12 +154,43 @@ def test_tiny_run_captions_every_downloaded_image(tiny_run):
 def test_html_report(tiny_run):
     snakemake(tiny_run, "--configfile", "tiny.yaml", "--report", "report.html")
     html = (tiny_run / "report.html").read_text(errors="replace")
-    assert "download_status.png" in html and "summary.md" in html
+    for name in ["download_status.png", "summary.md", "dataset.png", "README.md"]:
+        assert name in html
+
+
+def test_tiny_run_writes_the_release_with_a_status_for_every_region(tiny_run):
+    release = pa.concat_tables(
+        [pq.read_table(p) for p in sorted((tiny_run / "results/dataset").glob("*.parquet"))]
+    ).to_pylist()
+    status = pa.concat_tables(
+        [pq.read_table(p) for p in sorted((tiny_run / "results/images").glob("*.parquet"))]
+    ).to_pylist()
+    assert [r["key"] for r in release] == [r["key"] for r in status if r["status"] == "success"]
+    regions = [g for r in release for g in r["regions"]]
+    assert regions, "the tiny models should still yield some regions"
+    for g in regions:
+        assert g["label_source"] in ("accurate", "corrected", "unparsed")
+        assert g["caption_source"] in ("llm", "fallback", "failed")
+        assert (g["caption"] is None) == (g["caption_source"] == "failed")
+    card = (tiny_run / "results/dataset/README.md").read_text()
+    assert "data_files" in card and f"Images: {len(release)}" in card
+    summary = json.loads((tiny_run / "results/stats/dataset_summary.json").read_text())
+    assert summary["images"] == len(release) and summary["regions"] == len(regions)
+    assert set(summary["region_recall"]) == {"all", "foreground"}
+
+
+def test_editing_the_refine_prompt_reruns_refinement_and_downstream_only(tiny_run):
+    prompt = tiny_run / "prompts/region_refine.txt"
+    original = prompt.read_text()
+    prompt.write_text(original + "\nKeep British spelling.\n")
+    jobs = planned_jobs(tiny_run, "--configfile", "tiny.yaml")
+    assert jobs == {"refine_regions": 3, "assemble": 3, **GLOBAL_AFTER_REGIONS}
 
 
 def test_editing_a_caption_prompt_reruns_captioning_and_downstream_only(tiny_run):
-    # Last in this module: it leaves the prompt edited.
+    # Last in this module: it leaves the prompts edited.
     prompt = tiny_run / "prompts/scene_long.txt"
     prompt.write_text(prompt.read_text() + "Mention the weather.\n")
     jobs = planned_jobs(tiny_run, "--configfile", "tiny.yaml")
-    assert jobs == {"caption_scene": 3, "all": 1}
+    per_shard = ["caption_scene", *PER_SHARD_AFTER_SCENE]
+    assert jobs == {**dict.fromkeys(per_shard, 3), **GLOBAL_AFTER_REGIONS}

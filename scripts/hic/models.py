@@ -442,17 +442,33 @@ def load_vlm(
     return model.to(device).eval(), processor
 
 
-def chat_messages(prompt: str, system: str | None = None) -> list[dict]:
-    """One single-image user turn, optionally after a system turn."""
+def chat_messages(prompt: str, system: str | None = None, image: bool = True) -> list[dict]:
+    """One user turn (single-image unless ``image`` is False), optionally after a system turn."""
     messages = [] if system is None else [{"role": "system", "content": system}]
-    user = [{"type": "image"}, {"type": "text", "text": prompt}]
+    user = [{"type": "image"}] if image else []
+    user.append({"type": "text", "text": prompt})
     return [*messages, {"role": "user", "content": user}]
+
+
+def _chat_inputs(processor, images, prompts, system=None):
+    """Tokenised chat prompts (with one image each, or text-only when ``images`` is None)."""
+    if images is not None and len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    texts = [
+        processor.apply_chat_template(
+            chat_messages(prompt, system, image=images is not None),
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for prompt in prompts
+    ]
+    return processor(text=texts, images=images, padding=True, return_tensors="pt")
 
 
 def generate_texts(
     model: PreTrainedModel,
     processor: ProcessorMixin,
-    images: list[Image.Image],
+    images: list[Image.Image] | None,
     prompts: list[str],
     *,
     max_new_tokens: int,
@@ -460,17 +476,10 @@ def generate_texts(
     temperature: float = 1.0,
     system: str | None = None,
 ) -> list[str]:
-    """One generated text per (image, prompt), in order, from a single batched ``generate``."""
-    if len(images) != len(prompts):
-        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-    texts = [
-        processor.apply_chat_template(
-            chat_messages(prompt, system), add_generation_prompt=True, tokenize=False
-        )
-        for prompt in prompts
-    ]
-    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
-    inputs = inputs.to(model.device)
+    """One generated text per (image, prompt), in order, from a single batched ``generate``.
+
+    ``images=None`` asks text-only questions (the refinement stage's LLM role)."""
+    inputs = _chat_inputs(processor, images, prompts, system).to(model.device)
     # Temperature only means something when sampling; greedy calls leave it unset.
     sampling = {"temperature": temperature} if do_sample else {}
     with torch.inference_mode():
@@ -479,3 +488,37 @@ def generate_texts(
         )
     new_tokens = output[:, inputs["input_ids"].shape[1] :]
     return processor.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def choice_probabilities(
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    images: list[Image.Image],
+    prompts: list[str],
+    choices: tuple[str, ...],
+) -> list[dict[str, float]]:
+    """P(answer starts with each choice), renormalised over the choices, per (image, prompt).
+
+    One forward pass instead of generation: the next-token distribution after the assistant
+    header is read at the first token of each choice ("yes", " yes", "Yes", ...), so a verdict
+    never depends on parsing free text."""
+    inputs = _chat_inputs(processor, images, prompts).to(model.device)
+    with torch.inference_mode():
+        logits = model(**inputs).logits[:, -1, :].float()
+    probs = logits.softmax(dim=-1)
+    tokenizer = processor.tokenizer
+    first_ids = {
+        c: sorted(
+            {
+                tokenizer.encode(v, add_special_tokens=False)[0]
+                for v in (c, " " + c, c.capitalize(), " " + c.capitalize())
+            }
+        )
+        for c in choices
+    }
+    results = []
+    for row in probs:
+        mass = {c: float(row[ids].sum()) for c, ids in first_ids.items()}
+        total = sum(mass.values())
+        results.append({c: m / total if total else 1 / len(choices) for c, m in mass.items()})
+    return results

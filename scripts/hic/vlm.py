@@ -2,17 +2,20 @@
 
 ``transformers`` (default) runs anywhere, CUDA with bf16 when present, else CPU.
 ``vllm`` is the production path on GPUs: offline ``LLM.generate`` with ``multi_modal_data``.
-Both take the same model reference and return one text per (image, prompt), in order.
+Both take the same model reference and return one text per (image, prompt), in order
+(``images=None``: text-only prompts), and score fixed answers by likelihood
+(``choice_probabilities``) instead of parsing free text.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Sequence
 
 from PIL import Image
 
-from hic.models import ModelRef, generate_texts, load_vlm
+from hic.models import ModelRef, chat_messages, choice_probabilities, generate_texts, load_vlm
 
 BACKENDS = ("transformers", "vllm")
 
@@ -34,13 +37,20 @@ class TransformersBackend:
         self.model, self.processor = load_vlm(ref, min_pixels=min_pixels, max_pixels=max_pixels)
         self.do_sample, self.temperature = do_sample, temperature
 
+    def choice_probabilities(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], choices: tuple[str, ...]
+    ) -> list[dict[str, float]]:
+        return choice_probabilities(
+            self.model, self.processor, list(images), list(prompts), choices
+        )
+
     def generate(
-        self, images: Sequence[Image.Image], prompts: Sequence[str], max_new_tokens: int
+        self, images: Sequence[Image.Image] | None, prompts: Sequence[str], max_new_tokens: int
     ) -> list[str]:
         return generate_texts(
             self.model,
             self.processor,
-            list(images),
+            None if images is None else list(images),
             list(prompts),
             max_new_tokens=max_new_tokens,
             do_sample=self.do_sample,
@@ -74,21 +84,43 @@ class VllmBackend:
         self.sampling = vllm.SamplingParams
         self.temperature = temperature if do_sample else 0.0
 
-    def generate(
-        self, images: Sequence[Image.Image], prompts: Sequence[str], max_new_tokens: int
-    ) -> list[str]:
+    def _requests(self, images, prompts) -> list[dict]:
         requests = []
-        for image, prompt in zip(images, prompts, strict=True):
-            messages = [
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
-            ]
+        for i, prompt in enumerate(prompts):
+            messages = chat_messages(prompt, image=images is not None)
             text = self.processor.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=False
             )
-            requests.append({"prompt": text, "multi_modal_data": {"image": image}})
+            request = {"prompt": text}
+            if images is not None:
+                request["multi_modal_data"] = {"image": images[i]}
+            requests.append(request)
+        return requests
+
+    def generate(
+        self, images: Sequence[Image.Image] | None, prompts: Sequence[str], max_new_tokens: int
+    ) -> list[str]:
         params = self.sampling(max_tokens=max_new_tokens, temperature=self.temperature)
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        outputs = self.llm.generate(self._requests(images, prompts), params, use_tqdm=False)
         return [o.outputs[0].text for o in outputs]
+
+    def choice_probabilities(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], choices: tuple[str, ...]
+    ) -> list[dict[str, float]]:
+        # vLLM returns the top-k log-probabilities of the first generated token; a choice
+        # outside the top 20 gets no mass.
+        params = self.sampling(max_tokens=1, temperature=0.0, logprobs=20)
+        outputs = self.llm.generate(self._requests(images, prompts), params, use_tqdm=False)
+        results = []
+        for output in outputs:
+            top = output.outputs[0].logprobs[0].values()
+            mass = {
+                c: sum(math.exp(lp.logprob) for lp in top if lp.decoded_token.strip().lower() == c)
+                for c in choices
+            }
+            total = sum(mass.values())
+            results.append({c: m / total if total else 1 / len(choices) for c, m in mass.items()})
+        return results
 
 
 def make_backend(name: str, ref: ModelRef, **options) -> TransformersBackend | VllmBackend:

@@ -1,0 +1,37 @@
+rule assemble:
+    input:
+        status="results/images/{shard}.parquet",
+        scene="results/scene/{shard}.parquet",
+        regions="results/regions/refined/{shard}.parquet",
+    output:
+        "results/dataset/{shard}.parquet",
+    params:
+        provenance=region_provenance(),
+    log:
+        "results/logs/assemble/{shard}.log",
+    benchmark:
+        "results/benchmarks/assemble/{shard}.tsv"
+    conda:
+        "../envs/stats.yaml"
+    threads: 1
+    script:
+        "../scripts/assemble.py"
+
+
+rule dataset_card:
+    input:
+        summary="results/stats/dataset_summary.json",
+    output:
+        report("results/dataset/README.md", caption="../report/dataset_card.rst", category="Dataset"),
+    params:
+        models=lookup(dpath="models", within=config),
+        provenance=region_provenance(),
+    log:
+        "results/logs/dataset_card.log",
+    benchmark:
+        "results/benchmarks/dataset_card.tsv"
+    conda:
+        "../envs/stats.yaml"
+    threads: 1
+    script:
+        "../scripts/dataset_card.py"

@@ -1,0 +1,25 @@
+rule caption_regions:
+    input:
+        regions="results/regions/verified/{shard}.parquet",
+        tar="results/images/{shard}.tar",
+        status="results/images/{shard}.parquet",
+        prompt="prompts/region_caption.txt",
+        model=model_files("vlm"),
+    output:
+        "results/regions/captioned/{shard}.parquet",
+    params:
+        model=lookup(dpath="models/vlm", within=config),
+        backend=lookup(dpath="caption_scene/backend", within=config),
+        pixels=vlm_pixels(),
+        settings=lookup(dpath="caption_regions", within=config),
+    log:
+        "results/logs/caption_regions/{shard}.log",
+    benchmark:
+        "results/benchmarks/caption_regions/{shard}.tsv"
+    conda:
+        "../envs/caption_scene.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+    script:
+        "../scripts/caption_regions.py"

@@ -1,0 +1,23 @@
+rule refine_regions:
+    input:
+        regions="results/regions/captioned/{shard}.parquet",
+        prompt="prompts/region_refine.txt",
+        model=model_files("vlm"),
+    output:
+        "results/regions/refined/{shard}.parquet",
+    params:
+        model=lookup(dpath="models/vlm", within=config),
+        backend=lookup(dpath="caption_scene/backend", within=config),
+        pixels=vlm_pixels(),
+        settings=lookup(dpath="refine_regions", within=config),
+    log:
+        "results/logs/refine_regions/{shard}.log",
+    benchmark:
+        "results/benchmarks/refine_regions/{shard}.tsv"
+    conda:
+        "../envs/caption_scene.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+    script:
+        "../scripts/refine_regions.py"

@@ -1,0 +1,26 @@
+rule verify_labels:
+    input:
+        regions="results/regions/selected/{shard}.parquet",
+        tar="results/images/{shard}.tar",
+        status="results/images/{shard}.parquet",
+        verify_prompt="prompts/verify_label.txt",
+        correct_prompt="prompts/correct_label.txt",
+        model=model_files("vlm"),
+    output:
+        "results/regions/verified/{shard}.parquet",
+    params:
+        model=lookup(dpath="models/vlm", within=config),
+        backend=lookup(dpath="caption_scene/backend", within=config),
+        pixels=vlm_pixels(),
+        settings=lookup(dpath="verify_labels", within=config),
+    log:
+        "results/logs/verify_labels/{shard}.log",
+    benchmark:
+        "results/benchmarks/verify_labels/{shard}.tsv"
+    conda:
+        "../envs/caption_scene.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+    script:
+        "../scripts/verify_labels.py"

@@ -1,0 +1,292 @@
+"""Region proposals: the caption's objects, found by an open-vocabulary detector, tightened by SAM.
+
+Method, per image:
+
+1. Candidates: names from a curated vocabulary (``data/vocabulary/things.txt`` for objects,
+   ``stuff.txt`` for background) found in the scene's long caption (short caption if the long
+   one is missing), matched on whole words after a light lemmatisation of plurals, multi-word
+   names first. When the caption names nothing (or did not parse), the whole vocabulary is
+   queried instead (``fallback: vocabulary``), so an image is never skipped silently; the
+   ``query_source`` column says which happened.
+2. Boxes: OWLv2 (``AutoModelForZeroShotObjectDetection``) scores every candidate name; the
+   ``top_k`` best boxes per name above ``detector_threshold`` are kept.
+3. Masks: SAM, prompted with each object box, gives a tight box and the mask area. SAM's
+   automatic masks that object boxes do not cover become background regions, labelled with the
+   background name whose detected box overlaps them most (unlabelled masks are dropped).
+
+Boxes are [x, y, w, h] in pixels of the ORIGINAL image (the download stage may have resized
+it; the status table keeps both sizes).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+#: Columns of ``results/regions/proposals/{shard}.parquet``: one row per proposed region.
+PROPOSAL_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("label", pa.string()),
+        ("bbox", pa.list_(pa.float64())),
+        ("score", pa.float64()),
+        ("kind", pa.string()),  # foreground | background
+        ("source", pa.string()),  # detector | sam_auto
+        ("mask_area", pa.float64()),
+        ("query_source", pa.string()),  # caption | vocabulary
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ProposeSettings:
+    """The config's ``propose_regions`` section."""
+
+    detector_threshold: float = 0.1
+    top_k: int = 2
+    fallback: str = "vocabulary"
+    batch_size: int = 8
+    points_per_side: int = 16
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    min_background_fraction: float = 0.05
+    background_iou: float = 0.3
+
+
+def load_vocabulary(path: Path) -> list[str]:
+    lines = (line.strip().lower() for line in Path(path).read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def surface_forms(name: str) -> set[str]:
+    """The name and its regular plurals (last word inflected): "teddy bear" -> "teddy bears"."""
+    *head, last = name.split()
+    plurals = {last, last + "s", last + "es"}
+    if last.endswith("y"):
+        plurals.add(last[:-1] + "ies")
+    if last.endswith("f"):
+        plurals.add(last[:-1] + "ves")
+    return {" ".join([*head, p]) for p in plurals}
+
+
+def caption_objects(text: str | None, vocabulary: list[str]) -> list[str]:
+    """Vocabulary names (or their plurals) in ``text``, in order of first mention, each once.
+
+    Longer names are matched first and claim their words, so "night sky" is not also "sky"."""
+    if not text:
+        return []
+    words = re.findall(r"[a-z]+", text.lower())
+    found: dict[str, int] = {}
+    taken = [False] * len(words)
+    for name in sorted(vocabulary, key=lambda n: -len(n.split())):
+        forms = {tuple(f.split()) for f in surface_forms(name)}
+        n = len(name.split())
+        for i in range(len(words) - n + 1):
+            if tuple(words[i : i + n]) in forms and not any(taken[i : i + n]):
+                found.setdefault(name, i)
+                taken[i : i + n] = [True] * n
+    return sorted(found, key=found.get)
+
+
+def to_original(bbox: list[float], scale_x: float, scale_y: float) -> list[float]:
+    x, y, w, h = bbox
+    return [x * scale_x, y * scale_y, w * scale_x, h * scale_y]
+
+
+def box_iou(a: list[float], b: list[float]) -> float:
+    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union > 0 else 0.0
+
+
+class Detector:
+    """OWLv2 through transformers' zero-shot detection classes (real and tiny alike)."""
+
+    def __init__(self, ref, device: str | None = None):
+        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+        from hic.models import _unavailable, default_device
+
+        self.device = device or default_device()
+        try:
+            self.processor = AutoProcessor.from_pretrained(ref.id, revision=ref.revision)
+            model = AutoModelForZeroShotObjectDetection.from_pretrained(
+                ref.id, revision=ref.revision
+            )
+        except OSError as err:
+            raise _unavailable(ref, err) from err
+        self.model = model.to(self.device).eval()
+
+    def detect(
+        self, images: list[Image.Image], queries: list[list[str]], threshold: float, top_k: int
+    ) -> list[list[dict]]:
+        """Per image: up to ``top_k`` boxes per query, [x, y, w, h] in that image's pixels."""
+        # Every image needs as many queries, of one token length: repeating a query adds no
+        # label (post-processing names boxes by query), and OWL's text encoder is fixed-length.
+        longest = max(len(q) for q in queries)
+        queries = [q + [q[0]] * (longest - len(q)) for q in queries]
+        inputs = self.processor(
+            text=queries,
+            images=images,
+            return_tensors="pt",
+            padding="max_length",
+            truncation=True,
+        )
+        with torch.inference_mode():
+            outputs = self.model(**inputs.to(self.device))
+        # OWLv2 pads images to a square before resizing: boxes are relative to that square.
+        sides = [(max(im.size), max(im.size)) for im in images]
+        results = self.processor.post_process_grounded_object_detection(
+            outputs, threshold=threshold, target_sizes=sides, text_labels=queries
+        )
+        detections = []
+        for image, result in zip(images, results, strict=True):
+            width, height = image.size
+            per_label: dict[str, list[dict]] = {}
+            for box, score, label in zip(
+                result["boxes"].tolist(),
+                result["scores"].tolist(),
+                result["text_labels"],
+                strict=True,
+            ):
+                x0, y0 = max(0.0, box[0]), max(0.0, box[1])
+                x1, y1 = min(float(width), box[2]), min(float(height), box[3])
+                if x1 - x0 >= 1 and y1 - y0 >= 1:
+                    per_label.setdefault(label, []).append(
+                        {"label": label, "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score}
+                    )
+            detections.append(
+                [
+                    d
+                    for found in per_label.values()
+                    for d in sorted(found, key=lambda d: -d["score"])[:top_k]
+                ]
+            )
+        return detections
+
+
+def image_proposals(
+    image: Image.Image,
+    detections: list[dict],
+    stuff: set[str],
+    sam,
+    settings: ProposeSettings,
+) -> list[dict]:
+    """Detector boxes → SAM-tightened foreground boxes, detected and SAM-found backgrounds."""
+    from hic.segment import background_masks, box_masks
+
+    pixels = np.asarray(image)
+    things = [d for d in detections if d["label"] not in stuff]
+    backgrounds = [d for d in detections if d["label"] in stuff]
+    proposals = []
+    masks = box_masks(sam, pixels, [d["bbox"] for d in things]) if things else []
+    for d, (tight, area) in zip(things, masks, strict=True):
+        proposals.append(
+            {
+                **d,
+                "bbox": tight,
+                "mask_area": float(area),
+                "kind": "foreground",
+                "source": "detector",
+            }
+        )
+    for d in backgrounds:
+        proposals.append({**d, "mask_area": None, "kind": "background", "source": "detector"})
+    auto = (
+        background_masks(
+            sam,
+            pixels,
+            points_per_side=settings.points_per_side,
+            pred_iou_thresh=settings.pred_iou_thresh,
+            stability_score_thresh=settings.stability_score_thresh,
+            min_area_fraction=settings.min_background_fraction,
+            covered=[p["bbox"] for p in proposals if p["kind"] == "foreground"],
+        )
+        if backgrounds
+        else []
+    )
+    for bbox, area in auto:
+        best = max(backgrounds, key=lambda d: box_iou(d["bbox"], bbox))
+        if box_iou(best["bbox"], bbox) >= settings.background_iou:
+            proposals.append(
+                {
+                    "label": best["label"],
+                    "bbox": list(bbox),
+                    "score": best["score"],
+                    "mask_area": float(area),
+                    "kind": "background",
+                    "source": "sam_auto",
+                }
+            )
+    return proposals
+
+
+def propose_shard(
+    tar: Path,
+    status: Path,
+    scene: Path,
+    out: Path,
+    vocabulary: dict[str, list[str]],
+    detector: Detector,
+    sam,
+    settings: ProposeSettings,
+) -> dict:
+    """Proposals for every downloaded image of a shard; ``vocabulary`` has things and stuff."""
+    import pyarrow.parquet as pq
+
+    from hic.caption_scene import batches, read_images
+
+    sizes = {
+        r["key"]: r
+        for r in pq.read_table(
+            status, columns=["key", "width", "height", "original_width", "original_height"]
+        ).to_pylist()
+    }
+    captions = {
+        r["key"]: r["long_caption"] or r["short_caption"]
+        for r in pq.read_table(scene, columns=["key", "short_caption", "long_caption"]).to_pylist()
+    }
+    names = vocabulary["things"] + vocabulary["stuff"]
+    stuff = set(vocabulary["stuff"])
+    rows, images, by_source = [], 0, {"caption": 0, "vocabulary": 0, "none": 0}
+    for batch in batches(read_images(tar, set()), settings.batch_size):
+        work = []
+        for key, image, _ in batch:
+            if image is None:
+                continue
+            images += 1
+            found = caption_objects(captions.get(key), names)
+            source = "caption" if found else settings.fallback
+            by_source[source] += 1
+            if source != "none":
+                work.append((key, image, found or names, source))
+        if not work:
+            continue
+        detections = detector.detect(
+            [w[1] for w in work], [w[2] for w in work], settings.detector_threshold, settings.top_k
+        )
+        for (key, image, _, source), found in zip(work, detections, strict=True):
+            size = sizes[key]
+            sx = (size["original_width"] or image.width) / image.width
+            sy = (size["original_height"] or image.height) / image.height
+            for p in image_proposals(image, found, stuff, sam, settings):
+                rows.append(
+                    {
+                        **p,
+                        "key": key,
+                        "bbox": to_original(p["bbox"], sx, sy),
+                        "mask_area": None if p["mask_area"] is None else p["mask_area"] * sx * sy,
+                        "query_source": source,
+                    }
+                )
+    table = pa.Table.from_pylist(rows, schema=PROPOSAL_SCHEMA)
+    pq.write_table(table, out, compression="zstd")
+    return {"images": images, "proposals": len(rows), "query_source": by_source}

@@ -1,0 +1,75 @@
+"""Label verification: is the label right for the object in the drawn box? If not, what is it?
+
+The verdict is read from the model's likelihoods, not parsed from free text: one forward pass
+gives P(yes) and P(no) for the answer's first token (``choice_probabilities``), and the label is
+accurate when P(yes) ≥ ``accept``. Only rejected labels get a second, generated question for
+the corrected name, which must parse as a short name; otherwise the region is ``unparsed`` and
+keeps its label. A corrected label replaces the label; ``original_label`` keeps the detector's.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from hic.caption_scene import batches
+from hic.region_images import fill
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    """The config's ``verify_labels`` section."""
+
+    box_colour: str = "red"
+    box_width: int = 3
+    accept: float = 0.5
+    batch_size: int = 8
+    max_new_tokens: int = 8
+    max_label_words: int = 4
+
+
+def parse_label(text: str, max_words: int) -> str | None:
+    """A short lowercase noun phrase from a generated answer, or None."""
+    text = re.sub(r"^(it is|this is|that is|the object is)\s+", "", text.strip(), flags=re.I)
+    text = re.sub(r"^(an?|the)\s+", "", text.strip(" .!\"'\n"), flags=re.I)
+    words = text.lower().split()
+    if (
+        not words
+        or len(words) > max_words
+        or not all(re.fullmatch(r"[a-z][a-z-]*", w) for w in words)
+    ):
+        return None
+    return " ".join(words)
+
+
+def verify_regions(views, backend, prompts: dict[str, str], settings: VerifySettings) -> list[dict]:
+    """``views``: (region, drawn image) pairs; returns the regions with a verdict each."""
+    rows = []
+    for batch in batches(iter(views), settings.batch_size):
+        regions, images = [r for r, _ in batch], [im for _, im in batch]
+        questions = [
+            fill(prompts["verify"], label=r["label"], colour=settings.box_colour) for r in regions
+        ]
+        probs = backend.choice_probabilities(images, questions, ("yes", "no"))
+        rejected = [i for i, p in enumerate(probs) if p["yes"] < settings.accept]
+        answers = {}
+        if rejected:
+            texts = backend.generate(
+                [images[i] for i in rejected],
+                [
+                    fill(prompts["correct"], label=regions[i]["label"], colour=settings.box_colour)
+                    for i in rejected
+                ],
+                settings.max_new_tokens,
+            )
+            answers = dict(zip(rejected, texts, strict=True))
+        for i, region in enumerate(regions):
+            row = {**region, "original_label": region["label"], "p_accurate": probs[i]["yes"]}
+            if i not in answers:
+                row["verdict"] = "accurate"
+            elif corrected := parse_label(answers[i], settings.max_label_words):
+                row.update(verdict="corrected", label=corrected)
+            else:
+                row["verdict"] = "unparsed"
+            rows.append(row)
+    return rows

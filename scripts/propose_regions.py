@@ -1,0 +1,23 @@
+from pathlib import Path
+
+from hic.models import ModelRef
+from hic.propose_regions import Detector, ProposeSettings, load_vocabulary, propose_shard
+from hic.runlog import to_log
+from hic.segment import load_sam
+
+log = to_log(snakemake.log[0])
+inp, params = snakemake.input, snakemake.params
+summary = propose_shard(
+    Path(inp.tar),
+    Path(inp.status),
+    Path(inp.scene),
+    Path(snakemake.output[0]),
+    {"things": load_vocabulary(inp.things), "stuff": load_vocabulary(inp.stuff)},
+    Detector(ModelRef.from_config(params.detector)),
+    load_sam(
+        ModelRef.from_config(params.sam),
+        **{k: params.sam[k] for k in ("checkpoint", "variant") if params.sam.get(k)},
+    ),
+    ProposeSettings(**params.settings),
+)
+log.info("shard %s: %s", snakemake.wildcards.shard, summary)

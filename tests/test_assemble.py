@@ -1,0 +1,347 @@
+import json
+import stat
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from hic.assemble import (
+    RELEASE_SCHEMA,
+    AssembleError,
+    assemble_shard,
+    code_version,
+    dataset_card,
+)
+from hic.caption_scene import SCENE_SCHEMA
+from hic.dataset_stats import dataset_stats, summary_dict
+from hic.download import STATUS_SCHEMA
+
+PROVENANCE = {"verify_labels": {"model": "tiny-llm", "prompt_hash": "abc123"}}
+TINY = {"models": {"vlm": {"id": "resources/models/tiny-qwen2_5_vl", "revision": None}}}
+
+REGION_COLUMNS = pa.schema(
+    [
+        ("key", pa.string()),
+        ("label", pa.string()),
+        ("bbox", pa.list_(pa.float64())),
+        ("score", pa.float64()),
+        ("kind", pa.string()),
+        ("source", pa.string()),
+        ("mask_area", pa.float64()),
+        ("query_source", pa.string()),
+        ("rank", pa.int32()),
+        ("original_label", pa.string()),
+        ("verdict", pa.string()),
+        ("p_accurate", pa.float64()),
+        ("raw_caption", pa.string()),
+        ("caption_status", pa.string()),
+        ("caption_reason", pa.string()),
+        ("caption", pa.string()),
+        ("refine_path", pa.string()),
+        ("refine_reason", pa.string()),
+    ]
+)
+
+
+def write(path, schema, rows):
+    cols = {name: [r.get(name) for r in rows] for name in schema.names}
+    pq.write_table(pa.table(cols, schema=schema), path)
+    return path
+
+
+def downloaded(key, w, h):
+    # Stored at half size: the release must report the original size.
+    return {
+        "key": key,
+        "url": f"https://example.com/{key}.jpg",
+        "status": "success",
+        "width": w // 2,
+        "height": h // 2,
+        "original_width": w,
+        "original_height": h,
+    }
+
+
+def scene(key, short=None, long=None, status="ok"):
+    return {
+        "key": key,
+        "short_caption": short,
+        "long_caption": long,
+        "status": status,
+        "model_id": "org/vlm",
+        "model_revision": "rev1",
+        "prompt_hash": "feed",
+    }
+
+
+def region(key, label, kind, rank, caption, verdict="accurate", path="llm", bbox=(1, 2, 3, 4)):
+    return {
+        "key": key,
+        "label": label,
+        "bbox": [float(v) for v in bbox],
+        "score": 0.5 + rank / 10,
+        "kind": kind,
+        "source": "detector",
+        "rank": rank,
+        "original_label": label,
+        "verdict": verdict,
+        "caption": caption,
+        "refine_path": path,
+    }
+
+
+STATUS = [
+    downloaded("d", 800, 600),
+    downloaded("a", 640, 480),
+    {"key": "b", "url": "https://example.com/b.jpg", "status": "failed_to_download"},
+    downloaded("c", 100, 200),
+]
+SCENES = [
+    scene("a", "a dog on grass", "a brown dog lies on green grass under a blue sky"),
+    scene("b", status="failed"),
+    scene("c", status="unparsed"),
+    scene("d", "a red car", "a red car parked on a road"),
+]
+REGIONS = [
+    region("a", "sky", "background", 2, "clear blue sky", bbox=(0, 0, 640, 100)),
+    region("d", "car", "foreground", 0, None, verdict="corrected", path="failed"),
+    region("a", "grass", "foreground", 1, "short green grass", path="fallback"),
+    region("a", "dog", "foreground", 0, "a brown dog lying down", bbox=(10, 20, 30, 40)),
+]
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    return {
+        "status": write(tmp_path / "status.parquet", STATUS_SCHEMA, STATUS),
+        "scene": write(tmp_path / "scene.parquet", SCENE_SCHEMA, SCENES),
+        "regions": write(tmp_path / "regions.parquet", REGION_COLUMNS, REGIONS),
+    }
+
+
+def run(inputs, out):
+    return assemble_shard(
+        inputs["status"],
+        inputs["scene"],
+        inputs["regions"],
+        out,
+        region_provenance=PROVENANCE,
+        code_version="v1-3-gabc",
+    )
+
+
+@pytest.fixture
+def release(inputs, tmp_path):
+    out = tmp_path / "release" / "00000.parquet"
+    summary = run(inputs, out)
+    return out, summary
+
+
+def test_one_row_per_downloaded_image_in_status_order(release):
+    out, summary = release
+    table = pq.read_table(out)
+    # Round-trip the schema too: parquet renames list items to "element".
+    pq.write_table(RELEASE_SCHEMA.empty_table(), out.parent / "empty.parquet")
+    assert table.schema.equals(pq.read_schema(out.parent / "empty.parquet"), check_metadata=True)
+    assert table["key"].to_pylist() == ["d", "a", "c"]  # b failed to download
+    assert table["width"].to_pylist() == [800, 640, 100]  # original, not stored size
+    assert table["height"].to_pylist() == [600, 480, 200]
+    assert summary == {
+        "images": 3,
+        "regions": 4,
+        "images_without_regions": 1,
+        "scene_status": {"ok": 2, "unparsed": 1},
+    }
+
+
+def test_regions_ordered_foreground_first_then_rank(release):
+    rows = {r["key"]: r for r in pq.read_table(release[0]).to_pylist()}
+    assert [r["label"] for r in rows["a"]["regions"]] == ["dog", "grass", "sky"]
+    assert rows["a"]["regions"][0] == {
+        "label": "dog",
+        "bbox": [10.0, 20.0, 30.0, 40.0],
+        "caption": "a brown dog lying down",
+        "kind": "foreground",
+        "score": 0.5,
+        "label_source": "accurate",
+        "caption_source": "llm",
+    }
+    assert rows["a"]["regions"][1]["caption_source"] == "fallback"
+    assert rows["d"]["regions"][0]["caption"] is None
+    assert rows["d"]["regions"][0]["label_source"] == "corrected"
+    assert rows["c"]["regions"] == []
+    assert [rows[k]["region_count"] for k in "dac"] == [1, 3, 0]
+
+
+def test_word_counts_and_provenance(release):
+    rows = {r["key"]: r for r in pq.read_table(release[0]).to_pylist()}
+    assert (rows["a"]["short_words"], rows["a"]["long_words"]) == (4, 11)
+    assert rows["a"]["region_words"] == [5, 3, 3]
+    assert rows["d"]["region_words"] == [0]  # null caption
+    assert (rows["c"]["short_words"], rows["c"]["long_words"], rows["c"]["region_words"]) == (
+        0,
+        0,
+        [],
+    )
+    assert rows["c"]["scene_status"] == "unparsed"
+    assert (rows["a"]["scene_model"], rows["a"]["scene_model_revision"]) == ("org/vlm", "rev1")
+    assert rows["a"]["scene_prompt_hash"] == "feed"
+    assert json.loads(rows["c"]["region_provenance"]) == PROVENANCE
+    assert rows["c"]["code_version"] == "v1-3-gabc"
+
+
+def test_missing_scene_key_is_an_error(inputs, tmp_path):
+    write(inputs["scene"], SCENE_SCHEMA, [s for s in SCENES if s["key"] != "c"])
+    with pytest.raises(AssembleError, match=r"scene\.parquet lacks downloaded 1 key\(s\): c"):
+        run(inputs, tmp_path / "out.parquet")
+
+
+def test_region_of_undownloaded_image_is_an_error(inputs, tmp_path):
+    stray = [region("b", "cat", "foreground", 0, "a cat"), region("zz", "x", "foreground", 0, "")]
+    write(inputs["regions"], REGION_COLUMNS, REGIONS + stray)
+    with pytest.raises(AssembleError, match=r"regions\.parquet .* did not download: 2 key"):
+        run(inputs, tmp_path / "out.parquet")
+
+
+def test_unknown_region_kind_is_an_error(inputs, tmp_path):
+    write(inputs["regions"], REGION_COLUMNS, [region("a", "sky", "backdrop", 0, "sky")])
+    with pytest.raises(AssembleError, match=r"unknown region kind\(s\) \['backdrop'\]"):
+        run(inputs, tmp_path / "out.parquet")
+
+
+def test_shard_where_nothing_downloaded(inputs, tmp_path):
+    write(inputs["status"], STATUS_SCHEMA, [STATUS[2]])
+    write(inputs["regions"], REGION_COLUMNS, [])
+    out = tmp_path / "out.parquet"
+    assert run(inputs, out) == {
+        "images": 0,
+        "regions": 0,
+        "images_without_regions": 0,
+        "scene_status": {},
+    }
+    assert pq.read_table(out).num_rows == 0
+
+
+def test_shard_without_any_region(inputs, tmp_path):
+    write(inputs["regions"], REGION_COLUMNS, [])
+    out = tmp_path / "out.parquet"
+    assert run(inputs, out)["regions"] == 0
+    assert pq.read_table(out)["regions"].to_pylist() == [[], [], []]
+
+
+def test_release_reads_back_in_pandas_duckdb_and_datasets(release, tmp_path, monkeypatch):
+    out = release[0]
+    expected = pq.read_table(out).to_pylist()
+
+    df = pd.read_parquet(out)
+    assert df["key"].tolist() == ["d", "a", "c"]
+    assert [r["label"] for r in df.loc[1, "regions"]] == ["dog", "grass", "sky"]
+
+    con = duckdb.connect()
+    assert con.execute(
+        "SELECT count(*), sum(region_count) FROM read_parquet(?)", [str(out)]
+    ).fetchone() == (3, 4)
+    labels = con.execute(
+        "SELECT r.label, r.kind FROM read_parquet(?), unnest(regions) AS u(r) ORDER BY 1",
+        [str(out)],
+    ).fetchall()
+    assert labels == [
+        ("car", "foreground"),
+        ("dog", "foreground"),
+        ("grass", "foreground"),
+        ("sky", "background"),
+    ]
+    con.close()
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from datasets import load_dataset
+
+    ds = load_dataset("parquet", data_files=str(out), split="train", cache_dir=str(tmp_path / "hf"))
+    assert ds.num_rows == 3
+    assert list(ds) == expected
+
+
+def fake_git(bin_dir, stdout, rc):
+    bin_dir.mkdir()
+    git = bin_dir / "git"
+    git.write_text(f'#!/bin/sh\necho "{stdout} $*"\nexit {rc}\n')
+    git.chmod(git.stat().st_mode | stat.S_IXUSR)
+    return bin_dir
+
+
+def test_code_version_from_git_describe(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(fake_git(tmp_path / "bin", "v2-dirty", 0)))
+    assert code_version(tmp_path) == f"v2-dirty -C {tmp_path} describe --always --dirty"
+
+
+def test_code_version_unknown_outside_a_checkout_or_without_git(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(fake_git(tmp_path / "bin", "fatal: not a git repository", 128)))
+    assert code_version(tmp_path) == "unknown"
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert code_version(tmp_path) == "unknown"
+
+
+SUMMARY = {
+    "images": 12345,
+    "regions": 40000,
+    "regions_per_image": 3.24,
+    "images_without_regions": 17,
+    "label_vocabulary": 812,
+    "top_labels": {"person": 5000, "tree": 3000},
+    "region_kinds": {"foreground": 30000, "background": 10000},
+    "label_sources": {"accurate": 31000, "corrected": 8000, "unparsed": 1000},
+    "caption_sources": {"llm": 39000, "fallback": 900, "failed": 100},
+    "scene_status": {"ok": 12000, "unparsed": 345},
+    "caption_words": {"short": {"captions": 12000, "missing": 345, "mean": 11.5}},
+    "provenance": [
+        {
+            "scene_model": "Qwen/Qwen2.5-VL-7B-Instruct",
+            "scene_model_revision": "cc594898",
+            "scene_prompt_hash": "242f25ffb505c626",
+            "regions": {"verify_labels": {"model": "Qwen/Qwen2.5-7B", "prompt_hash": "9f9f"}},
+            "code_version": "v1.0",
+            "images": 12345,
+        }
+    ],
+}
+PAPER = {"models": {"vlm": {"id": "Qwen/Qwen2.5-VL-7B-Instruct", "revision": "cc594898"}}}
+
+
+def front_matter(card):
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_dataset_card_front_matter_counts_and_models():
+    card = dataset_card(SUMMARY, PAPER)
+    meta = front_matter(card)
+    assert meta["configs"] == [{"config_name": "default", "data_files": "*.parquet"}]
+    assert meta["size_categories"] == ["10K<n<100K"]
+    assert "URLs and alt-texts from LAION; captions generated by the models listed" in card
+    for text in [
+        "Images: 12345",
+        "Regions: 40000 (3.24 per image; 17 images without regions)",
+        "812 distinct labels",
+        "accurate: 31000, corrected: 8000, unparsed: 1000",
+        "llm: 39000, fallback: 900, failed: 100",
+        "| vlm | `Qwen/Qwen2.5-VL-7B-Instruct` | cc594898 |",
+        "`242f25ffb505c626`",
+        '"prompt_hash": "9f9f"',
+        'load_dataset("parquet"',
+    ]:
+        assert text in card, text
+    for name in RELEASE_SCHEMA.names + ["regions[].label_source"]:
+        assert f"`{name}`" in card, name
+    assert "Noise, not captions" not in card
+
+
+def test_dataset_card_flags_tiny_models_of_the_default(release):
+    summary = summary_dict(dataset_stats([release[0]], quantiles=[0.5], top_labels=3))
+    card = dataset_card(summary, TINY)
+    assert "Noise, not captions" in card
+    assert "Images: 3" in card and "Regions: 4 (1.33 per image" in card
+    assert front_matter(card)["size_categories"] == ["n<1K"]

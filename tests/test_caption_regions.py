@@ -1,0 +1,43 @@
+from PIL import Image
+
+from hic.caption_regions import RegionCaptionSettings, caption_regions, shape_caption
+
+
+class Scripted:
+    def __init__(self, answers):
+        self.answers, self.prompts = list(answers), []
+
+    def generate(self, images, prompts, max_new_tokens):
+        self.prompts += prompts
+        return [self.answers.pop(0) for _ in prompts]
+
+
+def views(labels):
+    return [({"key": "k", "label": x}, Image.new("RGB", (8, 8))) for x in labels]
+
+
+def test_captions_are_shaped_and_garbage_is_unparsed():
+    backend = Scripted(
+        [
+            "Dog. A brown dog lies on the grass next to a bench",
+            "A small grey cat sleeps on the sofa.",
+            "### 123 !!!",
+        ]
+    )
+    rows = caption_regions(
+        views(["dog", "cat", "sky"]),
+        backend,
+        "Caption the {label} in the {colour} box.",
+        RegionCaptionSettings(batch_size=2),
+    )
+    assert [r["caption_status"] for r in rows] == ["ok", "ok", "unparsed"]
+    assert rows[0]["raw_caption"] == "Dog. A brown dog lies on the grass next to a bench."
+    assert rows[1]["raw_caption"] == "Cat. A small grey cat sleeps on the sofa."
+    assert rows[2]["raw_caption"] is None and rows[2]["caption_model_output"] == "### 123 !!!"
+    assert rows[2]["caption_reason"].startswith("region: not text")
+    assert backend.prompts[0] == "Caption the dog in the red box."
+
+
+def test_shape_caption():
+    assert shape_caption("tree. Tall and green.", "tree") == "tree. Tall and green."
+    assert shape_caption("Tall and green", "tree") == "Tree. Tall and green."

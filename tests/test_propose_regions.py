@@ -1,0 +1,137 @@
+import io
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from hic.caption_scene import SCENE_SCHEMA
+from hic.download import STATUS_SCHEMA
+from hic.models import ModelRef, build_tiny_owlv2
+from hic.propose_regions import (
+    PROPOSAL_SCHEMA,
+    Detector,
+    ProposeSettings,
+    caption_objects,
+    propose_shard,
+    surface_forms,
+    to_original,
+)
+from hic.segment import build_tiny_sam, load_sam
+
+VOCAB = {"things": ["dog", "teddy bear", "bus", "box", "glass"], "stuff": ["sky", "night sky"]}
+TINY = ProposeSettings(
+    detector_threshold=0.0,
+    top_k=1,
+    points_per_side=4,
+    pred_iou_thresh=0.0,
+    stability_score_thresh=0.0,
+    min_background_fraction=0.0,
+    background_iou=0.0,
+)
+
+
+def test_surface_forms_cover_regular_plurals():
+    assert surface_forms("teddy bear") >= {"teddy bear", "teddy bears"}
+    assert surface_forms("bus") >= {"bus", "buses"}
+    assert surface_forms("puppy") >= {"puppy", "puppies"}
+    assert surface_forms("shelf") >= {"shelves"}
+
+
+def test_caption_objects_finds_multiword_names_first_in_order_of_mention():
+    text = "Two Teddy bears and three dogs sit under the night sky; a dog barks near buses."
+    names = VOCAB["things"] + VOCAB["stuff"]
+    assert caption_objects(text, names) == ["teddy bear", "dog", "night sky", "bus"]
+    assert caption_objects("glasses and boxes", names) == ["glass", "box"]
+    assert caption_objects(None, names) == []
+    assert caption_objects("A hotdog stand.", names) == []  # whole words only
+
+
+def test_to_original_scales_each_axis():
+    assert to_original([10, 20, 30, 40], 2.0, 0.5) == [20, 10, 60, 20]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    build_tiny_owlv2(root / "owlv2")
+    build_tiny_sam(root / "sam")
+    return Detector(ModelRef(str(root / "owlv2"))), load_sam(ModelRef(str(root / "sam")))
+
+
+def write_shard(folder, captions):
+    """Images stored at half their original size, as a resizing download would."""
+    keys = [f"{i:016x}" for i in range(len(captions))]
+    with tarfile.open(folder / "s.tar", "w") as tar:
+        for i, key in enumerate(keys):
+            buf = io.BytesIO()
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 60, 3), np.uint8)).save(
+                buf, "JPEG"
+            )
+            info = tarfile.TarInfo(f"{key}.jpg")
+            info.size = buf.tell()
+            tar.addfile(info, io.BytesIO(buf.getvalue()))
+    status = [
+        {
+            "key": k,
+            "status": "success",
+            "width": 60,
+            "height": 40,
+            "original_width": 120,
+            "original_height": 80,
+        }
+        for k in keys
+    ]
+    pq.write_table(pa.Table.from_pylist(status, schema=STATUS_SCHEMA), folder / "s.parquet")
+    scene = [
+        {"key": k, "status": "ok", "long_caption": c} for k, c in zip(keys, captions, strict=True)
+    ]
+    pq.write_table(pa.Table.from_pylist(scene, schema=SCENE_SCHEMA), folder / "scene.parquet")
+
+
+def test_propose_shard_boxes_are_in_original_pixels(models, tmp_path):
+    write_shard(tmp_path, ["A dog under the sky.", "noise words only", None])
+    detector, sam = models
+    summary = propose_shard(
+        tmp_path / "s.tar",
+        tmp_path / "s.parquet",
+        tmp_path / "scene.parquet",
+        tmp_path / "p.parquet",
+        VOCAB,
+        detector,
+        sam,
+        TINY,
+    )
+    table = pq.read_table(tmp_path / "p.parquet")
+    assert table.schema == PROPOSAL_SCHEMA
+    rows = table.to_pylist()
+    assert summary["query_source"] == {"caption": 1, "vocabulary": 2, "none": 0}
+    first = [r for r in rows if r["key"] == f"{0:016x}"]
+    assert {r["label"] for r in first} <= {"dog", "sky"} and first
+    assert {r["query_source"] for r in first} == {"caption"}
+    for r in rows:
+        x, y, w, h = r["bbox"]
+        assert 0 <= x and 0 <= y and w > 0 and h > 0
+        assert x + w <= 120 + 1e-6 and y + h <= 80 + 1e-6  # original size, not the stored 60x40
+        assert r["kind"] == ("background" if r["label"] in VOCAB["stuff"] else "foreground")
+    assert any(r["bbox"][0] + r["bbox"][2] > 60 or r["bbox"][1] + r["bbox"][3] > 40 for r in rows)
+
+
+def test_fallback_none_skips_images_whose_caption_names_nothing(models, tmp_path):
+    write_shard(tmp_path, ["noise words only"])
+    detector, sam = models
+    settings = ProposeSettings(**{**TINY.__dict__, "fallback": "none"})
+    summary = propose_shard(
+        tmp_path / "s.tar",
+        tmp_path / "s.parquet",
+        tmp_path / "scene.parquet",
+        tmp_path / "p.parquet",
+        VOCAB,
+        detector,
+        sam,
+        settings,
+    )
+    assert summary["query_source"]["none"] == 1 and summary["proposals"] == 0
+    assert pq.read_table(tmp_path / "p.parquet").num_rows == 0

@@ -1,0 +1,291 @@
+"""refine_regions on hand-written captions and LLM answers, good and broken."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hic.refine_regions import (
+    BOX_PHRASES,
+    build_prompt,
+    contains_box_phrase,
+    parse_refined,
+    refine,
+    refine_rows,
+    remove_box_phrases,
+    split_label,
+)
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "prompts" / "region_refine.txt"
+
+
+def test_box_phrases_are_the_papers_list_most_specific_first():
+    assert set(BOX_PHRASES) == {
+        "border",
+        "red border",
+        "green border",
+        "bounding box",
+        "red bounding box",
+        "within the red bounding box",
+        "green bounding box",
+        "within the green bounding box",
+    }
+    lengths = [len(p.split()) for p in BOX_PHRASES]
+    assert lengths == sorted(lengths, reverse=True)
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ("A cat within the red bounding box.", "within the red bounding box"),
+        ("A cat WITHIN THE GREEN BOUNDING BOX.", "within the green bounding box"),
+        ("A cat in the RED BOUNDING BOX.", "red bounding box"),
+        ("A cat in the green bounding box.", "green bounding box"),
+        ("A cat in the Bounding Box.", "bounding box"),
+        ("Two bounding-boxes.", "bounding box"),
+        ("A red border.", "red border"),
+        ("A Green Border.", "green border"),
+        ("The border's colour.", "border"),
+        ("The borderline case of a cat bordering a wall.", None),
+        ("Flower borders line the path.", None),
+        ("A field bordered by trees in a red box.", None),
+        ("", None),
+    ],
+)
+def test_contains_box_phrase_matches_whole_words_in_any_case(text, found):
+    assert contains_box_phrase(text) == found
+
+
+@pytest.mark.parametrize("phrase", BOX_PHRASES)
+def test_every_listed_phrase_is_removed(phrase):
+    text = f"A brown dog {phrase} lies on the grass."
+    cleaned = remove_box_phrases(text)
+    assert contains_box_phrase(cleaned) is None
+    assert cleaned.startswith("A brown dog")
+    assert cleaned.endswith("lies on the grass.")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # connecting words go with the phrase
+        ("The dog within the red bounding box is brown.", "The dog is brown."),
+        ("A lamp outlined by a GREEN BORDER stands tall.", "A lamp stands tall."),
+        ("A cup marked by the Bounding Box is white.", "A cup is white."),
+        ("A bowl inside the red border is empty.", "A bowl is empty."),
+        ("A plate with a thick blue border sits on a table.", "A plate sits on a table."),
+        # sentence start: leftover comma dropped, capital restored
+        ("Within the green bounding box, a cat sleeps.", "A cat sleeps."),
+        ("In the red bounding box, two birds sit.", "Two birds sit."),
+        ("Inside the red bounding box is a lamp.", "A lamp."),
+        ("Bounding Box: a brown dog.", "A brown dog."),
+        # sentence end
+        ("A cat sleeps in the red bounding box.", "A cat sleeps."),
+        ("A cat sleeps on a sofa. RED BOUNDING BOX.", "A cat sleeps on a sofa."),
+        # commas and parentheses around the phrase
+        ("A dog, highlighted by the red bounding box, runs.", "A dog runs."),
+        ("A cat (in the red bounding box) sleeps.", "A cat sleeps."),
+        ("The cat's fur (green border) is soft.", "The cat's fur is soft."),
+        # the outline as subject: keep what it frames, or drop a sentence only about it
+        ("A red border surrounds the lamp, which is tall.", "The lamp, which is tall."),
+        ("The red bounding box contains a dog that is brown.", "A dog that is brown."),
+        ("The red border is thin. A dog runs.", "A dog runs."),
+        ("The dog runs, and the green border frames it.", "The dog runs."),
+        ("The dog sits in the bounding-box; the border is red.", "The dog sits."),
+        # several phrases in one caption
+        (
+            "A cat in the red border, a dog within the green bounding box, and a bird.",
+            "A cat, a dog, and a bird.",
+        ),
+        (
+            "Within the red bounding box, a white cup (bounding box) sits. The Border is red.",
+            "A white cup sits.",
+        ),
+        # nothing to remove: unchanged
+        ("The borderline case of a cat", "The borderline case of a cat"),
+        ("A fence bordering flower borders.", "A fence bordering flower borders."),
+        ("A cat in a red box.", "A cat in a red box."),
+    ],
+)
+def test_remove_box_phrases_keeps_grammar(text, expected):
+    assert remove_box_phrases(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["Red bounding box.", "A red border surrounds it.", "The border is thin.", "  "]
+)
+def test_caption_only_about_the_box_becomes_empty(text):
+    assert remove_box_phrases(text) == ""
+
+
+@pytest.mark.parametrize(
+    ("raw", "label", "expected"),
+    [
+        ("Dog. A brown dog lies on the grass.", "Dog", ("dog", "A brown dog lies on the grass.")),
+        ("Dog: a brown dog.", "dog", ("dog", "A brown dog.")),
+        ("dog - a brown dog.", "dog", ("dog", "A brown dog.")),
+        ("Dog — a brown dog.", "dog", ("dog", "A brown dog.")),
+        ("  Traffic light. A red light.", "traffic  light", ("traffic light", "A red light.")),
+        ("Dogs. Two dogs play.", "dog", ("dog", "Two dogs play.")),
+        ("Dog lying on the grass. ", "dog", ("dog", "Dog lying on the grass.")),
+        ("Dog-shaped cloud.", "dog", ("dog", "Dog-shaped cloud.")),
+        ("Cat. A cat.", "dog", ("dog", "Cat. A cat.")),
+        ("Dog.", "dog", ("dog", "")),
+    ],
+)
+def test_split_label(raw, label, expected):
+    assert split_label(raw, label) == expected
+
+
+def test_build_prompt_fills_once_and_keeps_json_braces():
+    template = 'Label {label}; caption {caption}. Reply {"label": "...", "caption": "..."}'
+    prompt = build_prompt(template, "dog", "A {label} dog.")
+    assert prompt == 'Label dog; caption A {label} dog.. Reply {"label": "...", "caption": "..."}'
+
+
+def test_prompt_template_names_the_phrases_and_its_example_validates():
+    template = TEMPLATE.read_text()
+    assert template.count("{label}") == 1 and template.count("{caption}") == 1
+    assert all(f'"{phrase}"' in template for phrase in BOX_PHRASES)
+    example = template.split("Example\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    raw, reply = example[1].removeprefix("Caption: "), example[2].removeprefix("Reply: ")
+    label, description = split_label(raw, "cup")
+    # the example teaches what the fallback would produce too
+    assert parse_refined(reply, "cup") == (
+        {"label": label, "caption": remove_box_phrases(description)},
+        None,
+    )
+    prompt = build_prompt(template, "dog", "Dog. A dog.")
+    assert prompt.endswith("Object: dog\nCaption: Dog. A dog.\nReply:\n")
+
+
+GOOD = {"label": "dog", "caption": "A brown dog lies on the grass."}
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        json.dumps(GOOD),
+        f"```json\n{json.dumps(GOOD)}\n```",
+        f"Sure! Here is the result:\n{json.dumps(GOOD, indent=2)}\nHope this helps.",
+        json.dumps({"label": " dog ", "caption": " A brown dog lies on the grass. ", "x": 1}),
+    ],
+)
+def test_parse_refined_accepts_json_in_fences_and_chatter(output):
+    assert parse_refined(output, "dog") == (GOOD, None)
+
+
+def test_parse_refined_accepts_a_more_specific_label():
+    answer = json.dumps({"label": "Brown dogs", "caption": "Two brown dogs."})
+    refined = {"label": "Brown dogs", "caption": "Two brown dogs."}
+    assert parse_refined(answer, "dog") == (refined, None)
+
+
+@pytest.mark.parametrize(
+    ("output", "reason"),
+    [
+        ("", "empty output"),
+        ("   \n", "empty output"),
+        ("qz 7 ;; ## ~~", "no JSON object in output"),
+        ("x7 }{ ;;", "no JSON object in output"),
+        ("{'label': 'dog', 'caption': 'A dog.'}", "not valid JSON"),
+        ('{"label": "dog", "caption": "A dog.",}', "not valid JSON"),
+        ('{"label": "dog"}', "caption missing or not a non-empty string"),
+        ('{"label": "dog", "caption": "  "}', "caption missing or not a non-empty string"),
+        ('{"label": "dog", "caption": 3}', "caption missing or not a non-empty string"),
+        ('{"caption": "A dog."}', "label missing or not a non-empty string"),
+        (
+            '{"label": "dog", "caption": "A dog in the Bounding Box."}',
+            "caption still contains 'bounding box'",
+        ),
+        ('{"label": "dog", "caption": "## 12 %% 7 a"}', "caption is not text (1/8 letters)"),
+        ('{"label": "cat", "caption": "A dog."}', "label 'cat' does not name 'dog'"),
+    ],
+)
+def test_parse_refined_rejects_with_a_reason(output, reason):
+    refined, why = parse_refined(output, "dog")
+    assert refined is None
+    assert why.startswith(reason)
+
+
+RAW = "Dog. A brown dog within the red bounding box lies on the grass next to a bench."
+
+
+def test_refine_takes_a_valid_llm_answer():
+    answer = '```json\n{"label": "Dog", "caption": "A brown dog lies on the grass."}\n```'
+    assert refine(RAW, "dog", answer) == {
+        "label": "Dog",
+        "caption": "A brown dog lies on the grass.",
+        "refine_path": "llm",
+        "refine_reason": None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        (None, "no LLM output"),
+        ("", "empty output"),
+        ("<unk> Ġthe Ġthe 99 ]]", "no JSON object in output"),
+        ('{"label": "dog", "caption": "A dog in the red bounding box."}', "caption still contains"),
+        ('{"label": "dog"}', "caption missing"),
+    ],
+)
+def test_refine_falls_back_to_the_rule_based_rewrite(answer, reason):
+    row = refine(RAW, "Dog", answer)
+    assert row["refine_path"] == "fallback"
+    assert row["refine_reason"].startswith(reason)
+    assert row["label"] == "dog"
+    assert row["caption"] == "A brown dog lies on the grass next to a bench."
+
+
+@pytest.mark.parametrize(
+    ("raw", "fallback_reason"),
+    [
+        ("Dog. The red bounding box is drawn around it.", "caption missing"),
+        ("Dog. Within the green bounding box.", "caption missing"),
+        ("Dog.", "caption missing"),
+        ("Dog. 12 34 %% ## a.", "caption is not text"),
+        (None, "no raw caption"),
+    ],
+)
+def test_refine_fails_when_neither_path_gives_a_caption(raw, fallback_reason):
+    row = refine(raw, "dog", "noise")
+    assert row["refine_path"] == "failed"
+    assert row["caption"] is None
+    assert row["label"] == "dog"
+    llm_reason, fallback = row["refine_reason"].split("; fallback: ")
+    assert llm_reason == "llm: no JSON object in output"
+    assert fallback.startswith(fallback_reason)
+
+
+def test_refine_result_is_json_serialisable_and_box_free():
+    row = refine("Cat. WITHIN THE GREEN BOUNDING BOX, a cat (red border) sleeps.", "cat", None)
+    assert json.loads(json.dumps(row)) == row
+    assert row["caption"] == "A cat sleeps."
+    assert contains_box_phrase(row["caption"]) is None
+
+
+class _Scripted:
+    def __init__(self, answers):
+        self.answers, self.calls = list(answers), []
+
+    def generate(self, images, prompts, max_new_tokens):
+        assert images is None  # refinement is text-only
+        self.calls.append(len(prompts))
+        return [self.answers.pop(0) for _ in prompts]
+
+
+def test_refine_rows_records_the_path_of_every_region():
+    regions = [
+        {"label": "dog", "raw_caption": "Dog. A dog within the red bounding box sits."},
+        {"label": "cat", "raw_caption": "Cat. A grey cat in the red bounding box sleeps."},
+        {"label": "sky", "raw_caption": None},
+    ]
+    backend = _Scripted(['{"label": "dog", "caption": "A dog sits."}', "noise %%%"])
+    rows = refine_rows(regions, backend, "{label}: {caption}", batch_size=1, max_new_tokens=8)
+    assert backend.calls == [1, 1]  # the region without a caption never reaches the LLM
+    assert [r["refine_path"] for r in rows] == ["llm", "fallback", "failed"]
+    assert rows[0]["caption"] == "A dog sits."
+    assert rows[1]["caption"] == "A grey cat sleeps."
+    assert rows[2]["caption"] is None and rows[2]["refine_reason"]
