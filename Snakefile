@@ -29,6 +29,8 @@ include: "rules/verify_labels.smk"
 include: "rules/caption_regions.smk"
 include: "rules/refine_regions.smk"
 include: "rules/assemble.smk"
+include: "rules/train_clip.smk"
+include: "rules/evaluate.smk"
 include: "rules/stats.smk"
 
 
@@ -37,6 +39,7 @@ rule all:
         rules.stats.output,
         rules.dataset_stats.output,
         rules.dataset_card.output,
+        rules.tables.output,
 
 
 localrules:

@@ -52,7 +52,7 @@ def vlm_pixels():
 
 def demo_reference():
     """The demo world's reference annotations, for region recall, when the demo is the input."""
-    return ["results/demo/reference.parquet"] if url_lists() == [DEMO_URLS] else []
+    return ["results/demo/reference.parquet"] if DEMO else []
 
 
 def prompt_hashes():
@@ -74,3 +74,62 @@ def region_provenance():
         "prompts": prompt_hashes(),
         "settings": {k: config[k] for k in keys},
     }
+
+
+def enabled(section):
+    """Entries of a config mapping that are not switched off with null."""
+    return {name: spec for name, spec in section.items() if spec is not None}
+
+
+def from_demo(spec):
+    """An entry that needs the demo world: its reference annotations or its benchmarks."""
+    return spec.get("annotations") == "reference" or spec.get("path", "").startswith("results/demo/")
+
+
+# With another URL list the demo world's runs and benchmarks make no sense: they drop out.
+DEMO = url_lists() == [DEMO_URLS]
+CLIP_RUNS = {n: s for n, s in enabled(config["clip"]["runs"]).items() if DEMO or not from_demo(s)}
+RETRIEVAL = {
+    n: s for n, s in enabled(config["benchmarks"]["retrieval"]).items() if DEMO or not from_demo(s)
+}
+CLASSIFICATION = {
+    n: s
+    for n, s in enabled(config["benchmarks"]["classification"]).items()
+    if DEMO or not from_demo(s)
+}
+EVALUATIONS = expand(
+    "results/eval/{run}/{benchmark}.json",
+    run=CLIP_RUNS,
+    benchmark=[*RETRIEVAL, *CLASSIFICATION],
+)
+
+
+def clip_settings(wildcards):
+    """A run's training settings: clip.defaults overlaid with the run's own keys."""
+    run = {k: v for k, v in CLIP_RUNS[wildcards.run].items() if k != "annotations"}
+    return {**config["clip"]["defaults"], **run}
+
+
+def clip_annotations(wildcards):
+    """Annotation files of a run: the demo world's reference (released annotations), the
+    pipeline's assembled dataset, or a list of HIC-format files."""
+    source = CLIP_RUNS[wildcards.run]["annotations"]
+    if source == "reference":
+        return ["results/demo/reference.parquet"]
+    if source == "dataset":
+        return expand("results/dataset/{shard}.parquet", shard=SHARDS)
+    return list(source)
+
+
+def benchmark_spec(wildcards):
+    name = wildcards.benchmark
+    if name in RETRIEVAL:
+        return {"task": "retrieval", **RETRIEVAL[name]}
+    return {"task": "classification", **CLASSIFICATION[name]}
+
+
+def benchmark_files(wildcards):
+    """A benchmark the workflow makes (the demo world's) is an input; others are read from
+    their configured path, so a missing one fails with its expected layout."""
+    path = benchmark_spec(wildcards)["path"]
+    return [path] if path.startswith("results/demo/") else []

@@ -4,6 +4,7 @@ rule demo_world:
         reference="results/demo/reference.parquet",
         images=directory("results/demo/images"),
         benchmark=directory("results/demo/benchmark"),
+        classify=directory("results/demo/classify"),
         summary="results/demo/summary.json",
     params:
         world=lookup(dpath="demo_world", within=config),

@@ -16,6 +16,7 @@ summary = write_world(
     seed=world["seed"],
     objects_per_image=tuple(world["objects_per_image"]),
     n_broken=world["broken"],
+    classify_per_class=world["classify_per_class"],
     url_key=url_key,
 )
 Path(snakemake.output.summary).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

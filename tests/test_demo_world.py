@@ -316,3 +316,56 @@ def test_written_images_are_valid_jpegs(world: tuple[Path, dict]) -> None:
     assert [p.name for p in files] == [f"{i:06d}.jpg" for i in range(12)]
     with Image.open(files[0]) as img:
         assert img.format == "JPEG" and img.size == (W, H)
+
+
+# ---------------------------------------------------------------- classification set
+def test_classification_set_has_every_class_in_imagefolder_layout(tmp_path: Path) -> None:
+    summary = dw.write_classification_set(tmp_path, per_class=2, width=W, height=H, seed=3)
+    assert summary == {"classes": len(dw.CLASSES), "per_class": 2, "images": 2 * len(dw.CLASSES)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(dw.CLASSES)
+    for label in dw.CLASSES:
+        files = sorted((tmp_path / label).iterdir())
+        assert [p.name for p in files] == ["0000.jpg", "0001.jpg"]
+        with Image.open(files[0]) as img:
+            assert img.format == "JPEG" and img.size == (W, H)
+
+
+def test_classification_set_is_seeded_per_class(tmp_path: Path) -> None:
+    for name, per_class, seed in (("a", 2, 3), ("again", 2, 3), ("more", 3, 3), ("other", 2, 4)):
+        dw.write_classification_set(
+            tmp_path / name, per_class=per_class, width=W, height=H, seed=seed
+        )
+    a, again, more, other = (digests(tmp_path / n) for n in ("a", "again", "more", "other"))
+    assert a == again
+    assert a.items() <= more.items() and len(more) == len(a) * 3 // 2
+    assert all(a[k] != other[k] for k in a)
+    assert len(set(a.values())) == len(a)
+
+
+def test_single_object_scenes_show_their_class_in_a_visible_colour() -> None:
+    rng = np.random.default_rng(0)
+    for label in dw.CLASSES:
+        for _ in range(20):
+            s = dw._single_object_scene(rng, label, W, H)
+            (o,) = s.objects
+            clashes = dw.BANDS[s.upper].clashes + dw.BANDS[s.lower].clashes
+            assert o.label == label and o.colour not in clashes
+            x, y, w, h = o.bbox
+            assert 0 <= x and 0 <= y and x + w <= W and y + h <= H
+
+
+def test_world_writes_classification_set_only_when_asked(tmp_path: Path) -> None:
+    # One folder for both runs: the parquet files hold absolute file:// URLs.
+    plain = write(tmp_path, n_images=2, n_benchmark_pairs=1)
+    assert "classify_images" not in plain and not (tmp_path / "classify").exists()
+    before = digests(tmp_path)
+    assert write(tmp_path, n_images=2, n_benchmark_pairs=1, classify_per_class=1) == plain | {
+        "classify_images": len(dw.CLASSES)
+    }
+    after = digests(tmp_path)
+    classify = {k: v for k, v in after.items() if k.startswith("classify/")}
+    assert len(classify) == len(dw.CLASSES)
+    assert {k: v for k, v in after.items() if k not in classify} == before
+    standalone = tmp_path / "standalone"
+    dw.write_classification_set(standalone, per_class=1, width=W, height=H, seed=7)
+    assert {f"classify/{k}": v for k, v in digests(standalone).items()} == classify

@@ -11,8 +11,9 @@ from conftest import REPO, copy_workflow, planned_jobs, snakemake
 
 # A smaller demo world than the default, so the end-to-end run takes seconds.
 TINY = """
-demo_world: {n_images: 36, n_benchmark_pairs: 4, width: 96, height: 72}
+demo_world: {n_images: 36, n_benchmark_pairs: 4, width: 96, height: 72, classify_per_class: 2}
 shards: {size: 16}
+clip: {defaults: {epochs: 2, batch_size: 8, warmup: 2}}
 """
 
 
@@ -52,6 +53,7 @@ def test_paper_config_builds_its_dag_without_reading_the_lists(workflow):
     )
     jobs = planned_jobs(workflow, "--configfile", "configs/paper.yaml")
     assert jobs["download"] == 1200 and jobs["shard_urls"] == 1 and jobs["stats"] == 1
+    assert jobs["train_clip"] == 2 and jobs["evaluate"] == 2 * 4 and jobs["tables"] == 1
     assert "demo_world" not in jobs
 
 
@@ -122,14 +124,34 @@ PER_SHARD_AFTER_SCENE = [
     "refine_regions",
     "assemble",
 ]
-GLOBAL_AFTER_REGIONS = {"dataset_stats": 1, "dataset_card": 1, "all": 1}
+# The pipeline's dataset feeds one of the three CLIP runs (2 benchmarks each).
+GLOBAL_AFTER_REGIONS = {
+    "dataset_stats": 1,
+    "dataset_card": 1,
+    "train_clip": 1,
+    "evaluate": 2,
+    "tables": 1,
+    "all": 1,
+}
 
 
 def test_changing_a_download_setting_reruns_download_and_downstream(tiny_run):
     (tiny_run / "dl.yaml").write_text("download: {timeout: 7}\n")
     jobs = planned_jobs(tiny_run, "--configfile", "tiny.yaml", "dl.yaml")
     per_shard = ["download", "caption_scene", *PER_SHARD_AFTER_SCENE]
-    assert jobs == {**dict.fromkeys(per_shard, 3), "stats": 1, **GLOBAL_AFTER_REGIONS}
+    assert jobs == {
+        **dict.fromkeys(per_shard, 3),
+        "stats": 1,
+        **GLOBAL_AFTER_REGIONS,
+        "train_clip": 3,
+        "evaluate": 6,
+    }
+
+
+def test_changing_a_training_parameter_reruns_training_evaluation_and_tables(tiny_run):
+    (tiny_run / "lr.yaml").write_text("clip: {defaults: {lr: 0.001}}\n")
+    jobs = planned_jobs(tiny_run, "--configfile", "tiny.yaml", "lr.yaml")
+    assert jobs == {"train_clip": 3, "evaluate": 6, "tables": 1, "all": 1}
 
 
 def test_changing_a_selection_setting_reruns_from_selection_on(tiny_run):
@@ -151,10 +173,30 @@ def test_tiny_run_captions_every_downloaded_image(tiny_run):
                 assert cap["status"] == "failed" and cap["reason"].startswith("not downloaded")
 
 
+def test_tiny_run_trains_evaluates_and_tables_every_run(tiny_run):
+    for run in ["alt_text", "hierarchical", "pipeline"]:
+        steps = [
+            json.loads(line)
+            for line in (tiny_run / f"results/clip/{run}/metrics.jsonl").read_text().splitlines()
+        ]
+        assert [s["step"] for s in steps] == list(range(1, len(steps) + 1))
+        assert {s["epoch"] for s in steps} == {0, 1}  # two epochs, equally long
+        for name, task in [("demo", "retrieval"), ("demo_classify", "classification")]:
+            result = json.loads((tiny_run / f"results/eval/{run}/{name}.json").read_text())
+            assert result["task"] == task and result["model"]["epochs"] == 2
+    hierarchical = (tiny_run / "results/clip/hierarchical/metrics.jsonl").read_text()
+    assert len(hierarchical.splitlines()) == 2 * (36 // 8)  # every reference image is used
+    assert result["n"] == 18 * 2  # classification images: 18 classes x 2
+    table = (tiny_run / "results/tables/retrieval.md").read_text()
+    for run in ["alt_text", "hierarchical", "pipeline"]:
+        assert run in table
+    assert "I→T" in table and (tiny_run / "results/tables/retrieval.tex").exists()
+
+
 def test_html_report(tiny_run):
     snakemake(tiny_run, "--configfile", "tiny.yaml", "--report", "report.html")
     html = (tiny_run / "report.html").read_text(errors="replace")
-    for name in ["download_status.png", "summary.md", "dataset.png", "README.md"]:
+    for name in ["download_status.png", "summary.md", "dataset.png", "README.md", "retrieval.md"]:
         assert name in html
 
 

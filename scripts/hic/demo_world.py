@@ -684,6 +684,48 @@ def _jpeg(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+# write_world spawns streams 0-2 of SeedSequence(seed); the classification set takes the next.
+_CLASSIFY_STREAM = 3
+
+
+def _single_object_scene(rng: np.random.Generator, label: str, width: int, height: int) -> Scene:
+    """Random bands with one object of the given class in a random allowed colour, size, place."""
+    upper = _pick(rng, [n for n, b in BANDS.items() if b.tier == "upper"])
+    lower = _pick(rng, [n for n, b in BANDS.items() if b.tier == "lower"])
+    split = int(rng.integers(int(0.3 * height), int(0.65 * height) + 1))
+    colour, size = _pick(rng, _allowed_colours(upper, lower)), _pick(rng, list(SIZES))
+    side = SIZES[size] * min(width, height) * float(rng.uniform(0.9, 1.1))
+    aspect = CLASSES[label].aspect
+    w, h = (side, side / aspect) if aspect > 1 else (side * aspect, side)
+    w, h = max(4, min(width, round(w))), max(4, min(height, round(h)))
+    bbox = (int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h)
+    cx, cy = _centre(bbox)
+    position = _GRID[min(2, int(3 * cy / height))][min(2, int(3 * cx / width))]
+    obj = SceneObject(label, colour, size, bbox, position)
+    texture_seed = int(rng.integers(2**31))
+    return Scene(width, height, upper, lower, split, (obj,), variant=0, texture_seed=texture_seed)
+
+
+def write_classification_set(
+    out_dir: Path, *, per_class: int, width: int, height: int, seed: int
+) -> dict:
+    """Zero-shot classification set in ImageFolder layout: out_dir/<class>/<i:04d>.jpg.
+
+    Each class draws from its own child stream, so a class's images do not depend on
+    per_class beyond their count, nor on the other classes.
+    """
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    stream = np.random.SeedSequence(seed, spawn_key=(_CLASSIFY_STREAM,))
+    for label, child in zip(CLASSES, stream.spawn(len(CLASSES)), strict=True):
+        rng = np.random.default_rng(child)
+        (out_dir / label).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            scene = _single_object_scene(rng, label, width, height)
+            (out_dir / label / f"{i:04d}.jpg").write_bytes(_jpeg(render(scene)))
+    return {"classes": len(CLASSES), "per_class": per_class, "images": len(CLASSES) * per_class}
+
+
 def write_world(
     out_dir: Path,
     *,
@@ -695,8 +737,12 @@ def write_world(
     objects_per_image: tuple[int, int] = (2, 5),
     n_broken: dict[str, int] | None = None,
     url_key: Callable[[str], str],
+    classify_per_class: int = 0,
 ) -> dict:
-    """Write images, urls.parquet, reference.parquet and the benchmark; return counts."""
+    """Write images, urls.parquet, reference.parquet and the benchmark; return counts.
+
+    classify_per_class > 0 also writes the classification set to out_dir/classify/.
+    """
     counts = _broken_counts(n_broken)
     # Independent streams: the benchmark stays held out and does not shift with n_images.
     rng, noise, bench = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
@@ -759,7 +805,7 @@ def write_world(
             (bench_dir / "image" / f"{name}.jpg").write_bytes(_jpeg(render(member)))
             (bench_dir / "caption" / f"{name}.txt").write_text(long_caption(member) + "\n")
 
-    return {
+    summary = {
         "images": n_images,
         "url_rows": len(rows),
         "broken": counts,
@@ -771,3 +817,14 @@ def write_world(
         "height": height,
         "seed": seed,
     }
+    # Only when asked, so the default summary.json stays byte-identical.
+    if classify_per_class > 0:
+        classify = write_classification_set(
+            out_dir / "classify",
+            per_class=classify_per_class,
+            width=width,
+            height=height,
+            seed=seed,
+        )
+        summary["classify_images"] = classify["images"]
+    return summary

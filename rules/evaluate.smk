@@ -1,0 +1,44 @@
+rule evaluate:
+    input:
+        model="results/clip/{run}/model.pt",
+        data=benchmark_files,
+    output:
+        "results/eval/{run}/{benchmark}.json",
+    params:
+        spec=benchmark_spec,
+    log:
+        "results/logs/evaluate/{run}/{benchmark}.log",
+    benchmark:
+        "results/benchmarks/evaluate/{run}/{benchmark}.tsv"
+    conda:
+        "../envs/train_clip.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+    script:
+        "../scripts/evaluate.py"
+
+
+rule tables:
+    input:
+        EVALUATIONS,
+    output:
+        retrieval_md=report("results/tables/retrieval.md", caption="../report/retrieval.rst", category="Benchmarks"),
+        retrieval_tex="results/tables/retrieval.tex",
+        retrieval_csv="results/tables/retrieval.csv",
+        classification_md=report("results/tables/classification.md", caption="../report/classification.rst", category="Benchmarks"),
+        classification_tex="results/tables/classification.tex",
+        classification_csv="results/tables/classification.csv",
+        plot=report("results/tables/retrieval.png", caption="../report/retrieval_plot.rst", category="Benchmarks"),
+    params:
+        runs=list(CLIP_RUNS),
+        reference=lookup(dpath="tables/reference", within=config),
+    log:
+        "results/logs/tables.log",
+    benchmark:
+        "results/benchmarks/tables.tsv"
+    conda:
+        "../envs/stats.yaml"
+    threads: 1
+    script:
+        "../scripts/tables.py"

@@ -1,0 +1,27 @@
+import json
+from pathlib import Path
+
+from hic.benchmarks import load_benchmark, load_imagefolder
+from hic.evaluate_clip import evaluate_classification, evaluate_retrieval, load_run
+from hic.runlog import to_log
+
+log = to_log(snakemake.log[0])
+spec, name = dict(snakemake.params.spec), snakemake.wildcards.benchmark
+model, transform, tokenizer, settings = load_run(Path(snakemake.input.model))
+if spec.pop("task") == "retrieval":
+    data = load_benchmark(name, spec)
+    result = (
+        {"task": "retrieval", "skipped": f"optional benchmark not found at {spec['path']}"}
+        if data is None
+        else evaluate_retrieval(model, transform, tokenizer, data)
+    )
+else:
+    result = evaluate_classification(model, transform, tokenizer, load_imagefolder(spec["path"]))
+result = {"run": snakemake.wildcards.run, "benchmark": name, **result, "model": settings}
+Path(snakemake.output[0]).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+log.info(
+    "%s on %s: %s",
+    snakemake.wildcards.run,
+    name,
+    {k: v for k, v in result.items() if k not in ("model", "protocol")},
+)

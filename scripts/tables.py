@@ -1,0 +1,68 @@
+import json
+from pathlib import Path
+
+from hic.runlog import to_log
+from hic.tables import (
+    classification_table,
+    load_reference,
+    load_results,
+    plot_message,
+    plot_retrieval,
+    retrieval_table,
+    to_csv,
+    to_latex,
+    to_markdown,
+)
+
+log = to_log(snakemake.log[0])
+out, params = snakemake.output, snakemake.params
+results = [Path(p) for p in snakemake.input]
+# An optional benchmark that was not found leaves a "skipped" result: listed, not tabled.
+skipped = [p for p in results if "skipped" in json.loads(p.read_text())]
+for path in skipped:
+    log.warning("not in the tables: %s (%s)", path, json.loads(path.read_text())["skipped"])
+kept = [p for p in results if p not in skipped]
+data = load_results(kept) if kept else None
+reference = load_reference(Path(params.reference)) if params.reference else None
+runs = [r for r in params.runs if data is not None and r in set(data["run"])]
+tasks = set(data["task"]) if data is not None else set()
+retrieval = (
+    retrieval_table(data[data["task"] == "retrieval"], run_order=runs, reference=reference)
+    if "retrieval" in tasks
+    else None
+)
+classification = (
+    classification_table(data[data["task"] == "classification"], run_order=runs)
+    if "classification" in tasks
+    else None
+)
+for table, md, tex, csv, title, label in [
+    (
+        retrieval,
+        out.retrieval_md,
+        out.retrieval_tex,
+        out.retrieval_csv,
+        "Long-text retrieval, Recall@1 (%)",
+        "tab:retrieval",
+    ),
+    (
+        classification,
+        out.classification_md,
+        out.classification_tex,
+        out.classification_csv,
+        "Zero-shot classification accuracy (%)",
+        "tab:classification",
+    ),
+]:
+    if table is None:
+        for path in (md, tex, csv):
+            Path(path).write_text("No results of this kind were configured.\n")
+        continue
+    Path(md).write_text(f"# {title}\n\n{to_markdown(table)}\n")
+    Path(tex).write_text(to_latex(table, title, label))
+    to_csv(table, Path(csv))
+if retrieval is not None:
+    plot_retrieval(retrieval, Path(out.plot))
+else:
+    plot_message(Path(out.plot), "No retrieval results: no benchmark was configured.")
+log.info("tables of %d results (%d skipped)", len(results) - len(skipped), len(skipped))

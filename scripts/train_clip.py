@@ -1,0 +1,32 @@
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from hic.runlog import to_log
+from hic.train_clip import TrainSettings, train
+
+log = to_log(snakemake.log[0])
+inp, out = snakemake.input, snakemake.output
+sizes = {
+    r["key"]: (r["original_width"], r["original_height"])
+    for path in inp.status
+    for r in pq.read_table(
+        path, columns=["key", "status", "original_width", "original_height"]
+    ).to_pylist()
+    if r["status"] == "success"
+}
+# Checkpoints and metrics live beside the outputs, so a killed job resumes from them.
+work = Path(out.model).parent / "train"
+summary = train(
+    [Path(p) for p in inp.tars],
+    [Path(p) for p in inp.annotations],
+    sizes,
+    work,
+    TrainSettings(**snakemake.params.settings),
+)
+shutil.copy(work / "metrics.jsonl", out.metrics)
+shutil.copy(work / "params.txt", out.params)
+os.replace(work / "model.pt", out.model)
+log.info("run %s: %s", snakemake.wildcards.run, summary)
