@@ -3,6 +3,7 @@ rule assemble:
         status="results/images/{shard}.parquet",
         scene="results/scene/{shard}.parquet",
         regions="results/regions/refined/{shard}.parquet",
+        code=library("assemble"),
     output:
         "results/dataset/{shard}.parquet",
     params:
@@ -21,6 +22,7 @@ rule assemble:
 rule dataset_card:
     input:
         summary="results/stats/dataset_summary.json",
+        code=library("dataset_card"),
     output:
         report("results/dataset/README.md", caption="../report/dataset_card.rst", category="Dataset"),
     params:

@@ -1,4 +1,6 @@
 rule build_tiny_model:
+    input:
+        code=library("build_tiny_model"),
     output:
         directory("resources/models/tiny-{arch}"),
     params:

@@ -5,6 +5,7 @@ rule caption_regions:
         status="results/images/{shard}.parquet",
         prompt="prompts/region_caption.txt",
         model=model_files("vlm"),
+        code=library("caption_regions"),
     output:
         "results/regions/captioned/{shard}.parquet",
     params:

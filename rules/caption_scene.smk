@@ -5,6 +5,7 @@ rule caption_scene:
         short_prompt="prompts/scene_short.txt",
         long_prompt="prompts/scene_long.txt",
         model=model_files("vlm"),
+        code=library("caption_scene"),
     output:
         "results/scene/{shard}.parquet",
     params:

@@ -133,3 +133,27 @@ def benchmark_files(wildcards):
     their configured path, so a missing one fails with its expected layout."""
     path = benchmark_spec(wildcards)["path"]
     return [path] if path.startswith("results/demo/") else []
+
+
+def library(stage):
+    """The library modules a stage's script imports, directly or through each other.
+
+    Snakemake's code trigger sees only the script itself; as inputs, these make an edit to
+    scripts/hic/<module>.py re-run exactly the stages that use it."""
+    import ast
+
+    package = Path(workflow.basedir) / "scripts" / "hic"
+    todo, seen = [Path(workflow.basedir) / "scripts" / f"{stage}.py"], set()
+    while todo:
+        tree = ast.parse(todo.pop().read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hic"):
+                names = [node.module.split(".")[1]] if "." in node.module else [
+                    alias.name for alias in node.names
+                ]
+                for name in names:
+                    path = package / f"{name}.py"
+                    if path.exists() and path not in seen:
+                        seen.add(path)
+                        todo.append(path)
+    return sorted(str(m.relative_to(workflow.basedir)) for m in seen)

@@ -1,4 +1,6 @@
 rule demo_world:
+    input:
+        code=library("demo_world"),
     output:
         urls=DEMO_URLS,
         reference="results/demo/reference.parquet",

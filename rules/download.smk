@@ -1,6 +1,7 @@
 rule download:
     input:
-        "results/urls/{shard}.parquet",
+        urls="results/urls/{shard}.parquet",
+        code=library("download"),
     output:
         tar="results/images/{shard}.tar",
         status="results/images/{shard}.parquet",

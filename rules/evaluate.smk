@@ -2,6 +2,7 @@ rule evaluate:
     input:
         model="results/clip/{run}/model.pt",
         data=benchmark_files,
+        code=library("evaluate"),
     output:
         "results/eval/{run}/{benchmark}.json",
     params:
@@ -21,7 +22,8 @@ rule evaluate:
 
 rule tables:
     input:
-        EVALUATIONS,
+        results=EVALUATIONS,
+        code=library("tables"),
     output:
         retrieval_md=report("results/tables/retrieval.md", caption="../report/retrieval.rst", category="Benchmarks"),
         retrieval_tex="results/tables/retrieval.tex",

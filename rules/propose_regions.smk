@@ -7,6 +7,7 @@ rule propose_regions:
         stuff=lookup(dpath="propose_regions/vocabulary/stuff", within=config),
         detector=model_files("detector"),
         sam=model_files("sam"),
+        code=library("propose_regions"),
     output:
         "results/regions/proposals/{shard}.parquet",
     params:

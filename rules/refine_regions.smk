@@ -3,6 +3,7 @@ rule refine_regions:
         regions="results/regions/captioned/{shard}.parquet",
         prompt="prompts/region_refine.txt",
         model=model_files("vlm"),
+        code=library("refine_regions"),
     output:
         "results/regions/refined/{shard}.parquet",
     params:

@@ -2,6 +2,7 @@ rule select_regions:
     input:
         proposals="results/regions/proposals/{shard}.parquet",
         status="results/images/{shard}.parquet",
+        code=library("select_regions"),
     output:
         "results/regions/selected/{shard}.parquet",
     params:

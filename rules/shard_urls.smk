@@ -1,6 +1,7 @@
 rule shard_urls:
     input:
-        url_lists(),
+        lists=url_lists(),
+        code=library("shard_urls"),
     output:
         shards=expand("results/urls/{shard}.parquet", shard=SHARDS),
         rejected="results/urls/rejected.parquet",

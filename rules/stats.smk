@@ -2,6 +2,7 @@ rule stats:
     input:
         status=expand("results/images/{shard}.parquet", shard=SHARDS),
         urls="results/urls/summary.json",
+        code=library("stats"),
     output:
         status=report("results/stats/download_status.csv", caption="../report/download_status.rst", category="Statistics"),
         errors=report("results/stats/download_errors.csv", caption="../report/download_errors.rst", category="Statistics"),
@@ -29,6 +30,7 @@ rule dataset_stats:
     input:
         release=expand("results/dataset/{shard}.parquet", shard=SHARDS),
         reference=demo_reference(),
+        code=library("dataset_stats"),
     output:
         summary=report("results/stats/dataset_summary.md", caption="../report/dataset_summary.rst", category="Dataset"),
         numbers="results/stats/dataset_summary.json",

@@ -6,6 +6,7 @@ rule verify_labels:
         verify_prompt="prompts/verify_label.txt",
         correct_prompt="prompts/correct_label.txt",
         model=model_files("vlm"),
+        code=library("verify_labels"),
     output:
         "results/regions/verified/{shard}.parquet",
     params:

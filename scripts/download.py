@@ -8,7 +8,7 @@ if __name__ == "__main__":
     log = to_log(snakemake.log[0])
     out = snakemake.output
     summary = download_shard(
-        Path(snakemake.input[0]),
+        Path(snakemake.input.urls),
         Path(out.tar),
         Path(out.status),
         Path(out.stats),

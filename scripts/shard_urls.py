@@ -5,7 +5,7 @@ from hic.shard_urls import shard_url_lists, write_summary
 
 log = to_log(snakemake.log[0])
 summary = shard_url_lists(
-    [Path(p) for p in snakemake.input],
+    [Path(p) for p in snakemake.input.lists],
     Path(snakemake.output.summary).parent,
     snakemake.params.n_shards,
     schemes=snakemake.params.schemes,

@@ -16,7 +16,7 @@ from hic.tables import (
 
 log = to_log(snakemake.log[0])
 out, params = snakemake.output, snakemake.params
-results = [Path(p) for p in snakemake.input]
+results = [Path(p) for p in snakemake.input.results]
 # An optional benchmark that was not found leaves a "skipped" result: listed, not tabled.
 skipped = [p for p in results if "skipped" in json.loads(p.read_text())]
 for path in skipped:

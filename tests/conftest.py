@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -27,6 +28,22 @@ WORKFLOW_FILES = [
 ]
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline():
+    """No test may reach the network: huggingface_hub reads HF_HUB_OFFLINE once, at import."""
+    import huggingface_hub
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        yield
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """File name -> sha256 of every file in ``folder`` (byte-identical builds)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
 def snakemake(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -1,8 +1,6 @@
-import hashlib
 import warnings
 from pathlib import Path
 
-import huggingface_hub
 import pytest
 import torch
 from PIL import Image
@@ -12,21 +10,9 @@ from transformers import (
     AutoProcessor,
 )
 
+from conftest import file_digests
 from hic import models
 from hic.models import ModelRef, ModelUnavailableError
-
-
-@pytest.fixture(scope="module", autouse=True)
-def offline():
-    """Nothing here may reach the network. The hub reads the variable once, at import."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        yield
-
-
-def file_digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
 def scene(width: int, height: int, shade: int) -> Image.Image:

@@ -1,14 +1,13 @@
-import hashlib
 import time
 from pathlib import Path
 
-import huggingface_hub
 import numpy as np
 import pytest
 import torch
 from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 
+from conftest import file_digests
 from hic.models import ModelRef, ModelUnavailableError
 from hic.segment import TINY_SAM_CONFIG, background_masks, box_masks, build_tiny_sam, load_sam
 
@@ -17,19 +16,6 @@ WIDTH, HEIGHT = 96, 72
 BOXES = [[4.0, 6.0, 30.0, 20.0], [40.0, 10.0, 50.0, 55.0], [10.5, 40.25, 20.0, 25.0]]
 # Thresholds at 0: a randomly initialised SAM never passes the real model's quality thresholds.
 NO_QUALITY_FILTER = {"points_per_side": 8, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def offline():
-    """Nothing here may reach the network. The hub reads the variable once, at import."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        yield
-
-
-def file_digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
 @pytest.fixture(scope="module")

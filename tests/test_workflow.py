@@ -236,3 +236,13 @@ def test_editing_a_caption_prompt_reruns_captioning_and_downstream_only(tiny_run
     jobs = planned_jobs(tiny_run, "--configfile", "tiny.yaml")
     per_shard = ["caption_scene", *PER_SHARD_AFTER_SCENE]
     assert jobs == {**dict.fromkeys(per_shard, 3), **GLOBAL_AFTER_REGIONS}
+
+
+def test_editing_a_library_module_reruns_the_stages_that_import_it(tiny_run):
+    before = planned_jobs(tiny_run, "--configfile", "tiny.yaml")
+    assert "download" not in before
+    text = tiny_run / "scripts/hic/text.py"  # word counts: the download stage imports it
+    text.write_text(text.read_text() + "\n# an edit\n")
+    after = planned_jobs(tiny_run, "--configfile", "tiny.yaml")
+    assert after["download"] == 3 and after["stats"] == 1
+    assert "shard_urls" not in after and "demo_world" not in after

@@ -148,14 +148,14 @@ def read_images(tar: Path, skip: set[str]) -> Iterator[tuple[str, Image.Image | 
             yield key, image.convert("RGB"), None
 
 
-def batches(items: Iterator, size: int) -> Iterator[list]:
+def batches(items: Iterator, size: int, drop_last: bool = False) -> Iterator[list]:
     batch = []
     for item in items:
         batch.append(item)
         if len(batch) == size:
             yield batch
             batch = []
-    if batch:
+    if batch and not drop_last:
         yield batch
 
 

@@ -42,6 +42,7 @@ from open_clip import ClipLoss
 from open_clip_train.scheduler import cosine_lr
 from PIL import Image
 
+from hic.caption_scene import batches as caption_batches
 from hic.clip_model import create_long_clip
 
 log = logging.getLogger(__name__)
@@ -170,15 +171,6 @@ def count_samples(tars, annotations, sizes, settings) -> int:
     return sum(1 for _ in epoch_samples(tars, annotations, sizes, settings, 0, shuffle_buffer=1))
 
 
-def _batches(samples: Iterator, size: int) -> Iterator[list]:
-    batch = []
-    for sample in samples:
-        batch.append(sample)
-        if len(batch) == size:
-            yield batch
-            batch = []  # a last partial batch is dropped: every step sees `size` pairs
-
-
 def train(
     tars: list[Path],
     annotation_files: list[Path],
@@ -235,7 +227,8 @@ def train(
         while step < total and (max_steps is None or step < max_steps):
             epoch, done = divmod(step, per_epoch)
             samples = epoch_samples(tars, annotations, sizes, settings, epoch)
-            batches = _batches(samples, settings.batch_size)
+            # A last partial batch is dropped: every step sees batch_size pairs.
+            batches = caption_batches(samples, settings.batch_size, drop_last=True)
             for _ in range(done):  # what this epoch trained on before a restart
                 next(batches, None)
             waited = time.perf_counter()
