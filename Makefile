@@ -23,7 +23,7 @@ $(VENV)/.installed: requirements.txt
 install: $(VENV)/.installed
 
 run: install
-	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --cores $(CORES) --resources gpu=1
 	$(BIN)/snakemake --cores 1 --report results/report.html
 
 lint: install

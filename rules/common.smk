@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
+from hic.codebase import imports
 from hic.demo_world import planned_url_rows
 from snakemake.exceptions import WorkflowError
 from hic.shard_urls import count_rows, shard_count, shard_name
@@ -139,21 +140,6 @@ def library(stage):
     """The library modules a stage's script imports, directly or through each other.
 
     Snakemake's code trigger sees only the script itself; as inputs, these make an edit to
-    scripts/hic/<module>.py re-run exactly the stages that use it."""
-    import ast
-
-    package = Path(workflow.basedir) / "scripts" / "hic"
-    todo, seen = [Path(workflow.basedir) / "scripts" / f"{stage}.py"], set()
-    while todo:
-        tree = ast.parse(todo.pop().read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hic"):
-                names = [node.module.split(".")[1]] if "." in node.module else [
-                    alias.name for alias in node.names
-                ]
-                for name in names:
-                    path = package / f"{name}.py"
-                    if path.exists() and path not in seen:
-                        seen.add(path)
-                        todo.append(path)
-    return sorted(str(m.relative_to(workflow.basedir)) for m in seen)
+    scripts/hic/<name>.py re-run exactly the stages that use it."""
+    modules, _ = imports(Path(workflow.basedir) / "scripts" / f"{stage}.py")
+    return [str(m.relative_to(workflow.basedir)) for m in modules]

@@ -33,7 +33,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 @pytest.fixture(scope="session", autouse=True)
 def offline():
     """No test may reach the network: huggingface_hub reads HF_HUB_OFFLINE once, at import."""
-    import huggingface_hub
+    import huggingface_hub.constants
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_HUB_OFFLINE", "1")

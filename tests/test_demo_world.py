@@ -369,3 +369,24 @@ def test_world_writes_classification_set_only_when_asked(tmp_path: Path) -> None
     standalone = tmp_path / "standalone"
     dw.write_classification_set(standalone, per_class=1, width=W, height=H, seed=7)
     assert {f"classify/{k}": v for k, v in digests(standalone).items()} == classify
+
+
+def test_relative_world_has_relative_urls_that_open(tmp_path, monkeypatch):
+    import urllib.request
+
+    monkeypatch.chdir(tmp_path)
+    dw.write_world(
+        Path("results/demo"),
+        n_images=2,
+        n_benchmark_pairs=1,
+        width=64,
+        height=48,
+        seed=0,
+        n_broken={},
+        url_key=url_key,
+    )
+    urls = pq.read_table(tmp_path / "results/demo/urls.parquet").column("url").to_pylist()
+    good = [u for u in urls if u.startswith("file:results/demo/images/")]
+    assert len(set(good)) == 2  # their keys do not depend on where the checkout is
+    with urllib.request.urlopen(good[0]) as response:
+        assert response.read()[:2] == b"\xff\xd8"  # a JPEG

@@ -11,7 +11,6 @@ from hic.caption_scene import SCENE_SCHEMA
 from hic.download import STATUS_SCHEMA
 from hic.models import ModelRef, build_tiny_owlv2
 from hic.propose_regions import (
-    PROPOSAL_SCHEMA,
     Detector,
     ProposeSettings,
     caption_objects,
@@ -19,6 +18,7 @@ from hic.propose_regions import (
     surface_forms,
     to_original,
 )
+from hic.region_tables import PROPOSAL_SCHEMA
 from hic.segment import build_tiny_sam, load_sam
 
 VOCAB = {"things": ["dog", "teddy bear", "bus", "box", "glass"], "stuff": ["sky", "night sky"]}
@@ -91,19 +91,24 @@ def write_shard(folder, captions):
     pq.write_table(pa.Table.from_pylist(scene, schema=SCENE_SCHEMA), folder / "scene.parquet")
 
 
-def test_propose_shard_boxes_are_in_original_pixels(models, tmp_path):
-    write_shard(tmp_path, ["A dog under the sky.", "noise words only", None])
+def propose(folder, models, settings):
+    """propose_shard on the shard write_shard made in ``folder``."""
     detector, sam = models
-    summary = propose_shard(
-        tmp_path / "s.tar",
-        tmp_path / "s.parquet",
-        tmp_path / "scene.parquet",
-        tmp_path / "p.parquet",
+    return propose_shard(
+        folder / "s.tar",
+        folder / "s.parquet",
+        folder / "scene.parquet",
+        folder / "p.parquet",
         VOCAB,
         detector,
         sam,
-        TINY,
+        settings,
     )
+
+
+def test_propose_shard_boxes_are_in_original_pixels(models, tmp_path):
+    write_shard(tmp_path, ["A dog under the sky.", "noise words only", None])
+    summary = propose(tmp_path, models, TINY)
     table = pq.read_table(tmp_path / "p.parquet")
     assert table.schema == PROPOSAL_SCHEMA
     rows = table.to_pylist()
@@ -121,17 +126,6 @@ def test_propose_shard_boxes_are_in_original_pixels(models, tmp_path):
 
 def test_fallback_none_skips_images_whose_caption_names_nothing(models, tmp_path):
     write_shard(tmp_path, ["noise words only"])
-    detector, sam = models
-    settings = ProposeSettings(**{**TINY.__dict__, "fallback": "none"})
-    summary = propose_shard(
-        tmp_path / "s.tar",
-        tmp_path / "s.parquet",
-        tmp_path / "scene.parquet",
-        tmp_path / "p.parquet",
-        VOCAB,
-        detector,
-        sam,
-        settings,
-    )
+    summary = propose(tmp_path, models, ProposeSettings(**{**TINY.__dict__, "fallback": "none"}))
     assert summary["query_source"]["none"] == 1 and summary["proposals"] == 0
     assert pq.read_table(tmp_path / "p.parquet").num_rows == 0

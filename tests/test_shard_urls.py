@@ -160,3 +160,13 @@ def test_empty_shards_are_written_with_schema(tmp_path):
 def test_missing_list_is_named(tmp_path):
     with pytest.raises(UrlListError, match="nope.parquet: URL list not found"):
         shard_url_lists([tmp_path / "nope.parquet"], tmp_path / "out", 1)
+
+
+def test_scheme_is_read_before_the_first_colon(tmp_path):
+    path = tmp_path / "l.parquet"
+    urls = ["file:results/demo/a.jpg", "FILE:///abs/b.jpg", "http://x/c.jpg", "c:d", "no/scheme"]
+    pq.write_table(pa.table({"url": urls}), path)
+    summary = shard_url_lists([path], tmp_path / "out", 1, schemes=["file", "http"])
+    kept = pq.read_table(tmp_path / "out/00000.parquet").column("url").to_pylist()
+    assert kept == urls[:3]
+    assert summary["rejected"] == {"no_scheme": 1, "unsupported_scheme": 1}

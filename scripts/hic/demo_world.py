@@ -726,6 +726,13 @@ def write_classification_set(
     return {"classes": len(CLASSES), "per_class": per_class, "images": len(CLASSES) * per_class}
 
 
+def file_url(path: Path) -> str:
+    """file:// URL of an absolute path; a relative path stays relative (``file:results/...``),
+    read from the working directory, so keys (md5 of the URL) and with them shards and training
+    order do not depend on where the checkout is."""
+    return f"file://{path}" if path.is_absolute() else f"file:{path.as_posix()}"
+
+
 def write_world(
     out_dir: Path,
     *,
@@ -753,9 +760,9 @@ def write_world(
     good, reference = [], []
     for i in range(n_images):
         scene = make_scene(rng, width, height, objects_per_image)
-        path = (out_dir / "images" / f"{i:06d}.jpg").resolve()
+        path = out_dir / "images" / f"{i:06d}.jpg"
         path.write_bytes(_jpeg(render(scene)))
-        url = f"file://{path}"
+        url = file_url(path)
         good.append({"url": url, "caption": alt_text(scene, rng), **size})
         reference.append(
             {
@@ -774,13 +781,13 @@ def write_world(
     for kind in BROKEN_KINDS:
         for k in range(counts[kind]):
             scene = make_scene(noise, width, height, objects_per_image)
-            path = (out_dir / "broken" / f"{kind}_{k:03d}.jpg").resolve()
+            path = out_dir / "broken" / f"{kind}_{k:03d}.jpg"
             if kind == "not_image":
                 path.write_text(_NOT_IMAGE)
             elif kind == "truncated":
                 data = _jpeg(render(scene))
                 path.write_bytes(data[: len(data) // 3])
-            bad.append({"url": f"file://{path}", "caption": alt_text(scene, noise), **size})
+            bad.append({"url": file_url(path), "caption": alt_text(scene, noise), **size})
     for url in ("", "ftp://example.invalid/a.jpg"):
         scene = make_scene(noise, width, height, objects_per_image)
         bad.append({"url": url, "caption": alt_text(scene, noise), **size})

@@ -29,19 +29,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-#: Columns of ``results/regions/proposals/{shard}.parquet``: one row per proposed region.
-PROPOSAL_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("label", pa.string()),
-        ("bbox", pa.list_(pa.float64())),
-        ("score", pa.float64()),
-        ("kind", pa.string()),  # foreground | background
-        ("source", pa.string()),  # detector | sam_auto
-        ("mask_area", pa.float64()),
-        ("query_source", pa.string()),  # caption | vocabulary
-    ]
-)
+from hic.region_tables import PROPOSAL_SCHEMA
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,19 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hic.propose_regions import PROPOSAL_SCHEMA
+#: Columns of ``results/regions/proposals/{shard}.parquet``: one row per proposed region.
+PROPOSAL_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("label", pa.string()),
+        ("bbox", pa.list_(pa.float64())),
+        ("score", pa.float64()),
+        ("kind", pa.string()),  # foreground | background
+        ("source", pa.string()),  # detector | sam_auto
+        ("mask_area", pa.float64()),
+        ("query_source", pa.string()),  # caption | vocabulary
+    ]
+)
 
 
 def _extend(schema: pa.Schema, *fields: tuple[str, pa.DataType]) -> pa.Schema:

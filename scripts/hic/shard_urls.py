@@ -182,7 +182,7 @@ def shard_url_lists(
 ) -> dict:
     """Write ``out_dir/{shard}.parquet`` for every shard, ``rejected.parquet`` and return a summary.
 
-    A row is rejected (kept, with a reason) when its url is empty, has no ``scheme://`` or a
+    A row is rejected (kept, with a reason) when its url is empty, has no ``scheme:`` or a
     scheme not in ``schemes``, or repeats an earlier url (the first occurrence, in file then
     row order, is kept). ``temp_dir`` holds DuckDB's database so large lists spill to disk.
     """
@@ -202,8 +202,8 @@ def shard_url_lists(
             SELECT *,
               CASE
                 WHEN url IS NULL OR url = '' THEN 'empty_url'
-                WHEN NOT contains(url, '://') THEN 'no_scheme'
-                WHEN NOT list_contains(?, lower(split_part(url, '://', 1)))
+                WHEN NOT regexp_matches(url, '^[A-Za-z][A-Za-z0-9+.-]*:') THEN 'no_scheme'
+                WHEN NOT list_contains(?, lower(regexp_extract(url, '^([^:]+):', 1)))
                   THEN 'unsupported_scheme'
                 WHEN occurrence > 1 THEN 'duplicate_url'
               END AS reason,
