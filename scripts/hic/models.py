@@ -396,7 +396,7 @@ TINY_BUILDERS: dict[str, Callable[..., None]] = {
 }
 
 
-def _unavailable(ref: ModelRef, why: OSError) -> ModelUnavailableError:
+def unavailable_error(ref: ModelRef, why: OSError) -> ModelUnavailableError:
     revision = ref.revision or "main"
     return ModelUnavailableError(
         f"cannot load model {ref.id!r} (revision {revision}): it is neither a complete local "
@@ -436,7 +436,7 @@ def load_vlm(
             dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32,
         )
     except OSError as err:
-        raise _unavailable(ref, err) from err
+        raise unavailable_error(ref, err) from err
     # Generation appends on the right, so batched prompts must be padded on the left.
     processor.tokenizer.padding_side = "left"
     return model.to(device).eval(), processor

@@ -101,7 +101,7 @@ class Detector:
     def __init__(self, ref, device: str | None = None):
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
-        from hic.models import _unavailable, default_device
+        from hic.models import default_device, unavailable_error
 
         self.device = device or default_device()
         try:
@@ -110,7 +110,7 @@ class Detector:
                 ref.id, revision=ref.revision
             )
         except OSError as err:
-            raise _unavailable(ref, err) from err
+            raise unavailable_error(ref, err) from err
         self.model = model.to(self.device).eval()
 
     def detect(

@@ -139,12 +139,14 @@ def epoch_samples(
     settings: TrainSettings,
     epoch: int,
     shuffle_buffer: int = 256,
-) -> Iterator[tuple[Image.Image, str]]:
-    """(image, text) pairs of one epoch, in an order fixed by (seed, epoch)."""
+) -> Iterator[tuple[bytes, str, list[float] | None, tuple[int, int] | None]]:
+    """(image bytes, text, region box, original size) of one epoch, in an order fixed by
+    (seed, epoch). Images stay encoded here: counting an epoch, or skipping what a restarted
+    run already trained on, decodes nothing (``load_image`` decodes what a step uses)."""
     order = list(tars)
     stable_random(settings.seed, epoch, "shards").shuffle(order)
     stream = wds.WebDataset([str(t) for t in order], shardshuffle=False, empty_check=False)
-    buffer: list[tuple[Image.Image, str]] = []
+    buffer: list = []
     shuffler = stable_random(settings.seed, epoch, "buffer")
     for sample in stream:
         key = sample["__key__"]
@@ -156,14 +158,18 @@ def epoch_samples(
         text, region = caption_for(settings.policy, alt, annotations[key], rng, settings.mix)
         if not text:
             continue
-        image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
-        if region is not None:
-            image = crop_to(image, region["bbox"], sizes.get(key, image.size))
-        buffer.append((image, text))
+        box = region["bbox"] if region is not None else None
+        buffer.append((image_bytes, text, box, sizes.get(key)))
         if len(buffer) >= shuffle_buffer:
             yield buffer.pop(shuffler.randrange(len(buffer)))
     shuffler.shuffle(buffer)
     yield from buffer
+
+
+def load_image(image_bytes: bytes, box: list[float] | None, size: tuple[int, int] | None):
+    """The sample's image, cropped to its region when the caption is a region's."""
+    image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
+    return image if box is None else crop_to(image, box, size or image.size)
 
 
 def count_samples(tars, annotations, sizes, settings) -> int:
@@ -239,8 +245,9 @@ def train(
                     or (step // per_epoch != epoch)
                 ):
                     break
-                images = torch.stack([train_tf(im) for im, _ in batch]).to(device)
-                texts = tokenizer([t for _, t in batch]).to(device)
+                images = [load_image(data, box, size) for data, _, box, size in batch]
+                images = torch.stack([train_tf(im) for im in images]).to(device)
+                texts = tokenizer([text for _, text, _, _ in batch]).to(device)
                 started = time.perf_counter()
                 lr = schedule(step)
                 with autocast:
