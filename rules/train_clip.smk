@@ -8,6 +8,7 @@ rule train_clip:
         model="results/clip/{run}/model.pt",
         metrics="results/clip/{run}/metrics.jsonl",
         params="results/clip/{run}/params.txt",
+        provenance="results/clip/{run}/provenance.json",
     params:
         settings=clip_settings,
     log:

@@ -2,6 +2,7 @@ from pathlib import Path
 
 from hic.caption_regions import RegionCaptionSettings, caption_regions
 from hic.models import ModelRef
+from hic.provenance import stamp_outputs
 from hic.region_images import region_views
 from hic.region_tables import CAPTIONED_SCHEMA, check_complete, image_sizes, read_rows, write_rows
 from hic.runlog import to_log
@@ -18,4 +19,5 @@ views = region_views(
 rows = caption_regions(views, backend, Path(inp.prompt).read_text(), settings)
 check_complete(regions, rows, "caption_regions")
 write_rows(rows, CAPTIONED_SCHEMA, Path(snakemake.output[0]))
+stamp_outputs(snakemake)
 log.info("captioned %d regions, %d ok", len(rows), sum(r["caption_status"] == "ok" for r in rows))

@@ -2,6 +2,7 @@ from pathlib import Path
 
 from hic.caption_scene import CaptionSettings, caption_shard
 from hic.models import ModelRef
+from hic.provenance import stamp_outputs
 from hic.runlog import to_log
 from hic.vlm import make_backend
 
@@ -26,4 +27,5 @@ summary = caption_shard(
     backend,
     model,
 )
+stamp_outputs(snakemake)
 log.info("shard %s: %s", snakemake.wildcards.shard, summary)

@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 from hic.demo_world import write_world
+from hic.provenance import stamp_outputs
 from hic.runlog import to_log
 from hic.shard_urls import url_key
 
@@ -20,4 +21,5 @@ summary = write_world(
     url_key=url_key,
 )
 Path(snakemake.output.summary).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+stamp_outputs(snakemake)
 log.info("demo world: %s", summary)

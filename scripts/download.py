@@ -1,6 +1,7 @@
 from pathlib import Path
 
 from hic.download import DownloadSettings, download_shard
+from hic.provenance import stamp_outputs
 from hic.runlog import to_log
 
 # img2dataset starts worker processes with "spawn", which re-imports this file.
@@ -15,4 +16,5 @@ if __name__ == "__main__":
         DownloadSettings(**snakemake.params.settings),
         work_dir=Path(out.tar).with_suffix(".work"),
     )
+    stamp_outputs(snakemake)
     log.info("shard %s: %s", snakemake.wildcards.shard, summary["status"])

@@ -3,6 +3,7 @@ from pathlib import Path
 
 from hic.benchmarks import load_benchmark, load_imagefolder
 from hic.evaluate_clip import evaluate_classification, evaluate_retrieval, load_run
+from hic.provenance import from_job
 from hic.runlog import to_log
 
 log = to_log(snakemake.log[0])
@@ -17,11 +18,17 @@ if spec.pop("task") == "retrieval":
     )
 else:
     result = evaluate_classification(model, transform, tokenizer, load_imagefolder(spec["path"]))
-result = {"run": snakemake.wildcards.run, "benchmark": name, **result, "model": settings}
+result = {
+    "run": snakemake.wildcards.run,
+    "benchmark": name,
+    **result,
+    "model": settings,
+    "provenance": from_job(snakemake),
+}
 Path(snakemake.output[0]).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
 log.info(
     "%s on %s: %s",
     snakemake.wildcards.run,
     name,
-    {k: v for k, v in result.items() if k not in ("model", "protocol")},
+    {k: v for k, v in result.items() if k not in ("model", "protocol", "provenance")},
 )

@@ -2,6 +2,7 @@ from pathlib import Path
 
 from hic.models import ModelRef
 from hic.propose_regions import Detector, ProposeSettings, load_vocabulary, propose_shard
+from hic.provenance import stamp_outputs
 from hic.runlog import to_log
 from hic.segment import load_sam
 
@@ -20,4 +21,5 @@ summary = propose_shard(
     ),
     ProposeSettings(**params.settings),
 )
+stamp_outputs(snakemake)
 log.info("shard %s: %s", snakemake.wildcards.shard, summary)

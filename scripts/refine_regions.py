@@ -1,6 +1,7 @@
 from pathlib import Path
 
 from hic.models import ModelRef
+from hic.provenance import stamp_outputs
 from hic.refine_regions import refine_rows
 from hic.region_tables import REFINED_SCHEMA, check_complete, read_rows, write_rows
 from hic.runlog import to_log
@@ -13,6 +14,7 @@ backend = make_backend(params.backend, ModelRef.from_config(params.model), **par
 rows = refine_rows(regions, backend, Path(inp.prompt).read_text(), **params.settings)
 check_complete(regions, rows, "refine_regions")
 write_rows(rows, REFINED_SCHEMA, Path(snakemake.output[0]))
+stamp_outputs(snakemake)
 log.info(
     "refined %d regions: %s",
     len(rows),

@@ -1,5 +1,6 @@
 from pathlib import Path
 
+from hic.provenance import stamp_outputs
 from hic.region_tables import SELECTED_SCHEMA, image_sizes, read_rows, write_rows
 from hic.runlog import to_log
 from hic.select_regions import SelectSettings, select
@@ -15,4 +16,5 @@ for key, proposals in by_key.items():
     size = sizes[key]
     selected += select(proposals, size["original_width"], size["original_height"], settings)
 write_rows(selected, SELECTED_SCHEMA, Path(snakemake.output[0]))
+stamp_outputs(snakemake)
 log.info("selected %d regions in %d images", len(selected), len(by_key))

@@ -1,5 +1,6 @@
 from pathlib import Path
 
+from hic.provenance import stamp_outputs
 from hic.runlog import to_log
 from hic.shard_urls import shard_url_lists, write_summary
 
@@ -13,6 +14,7 @@ summary = shard_url_lists(
     temp_dir=Path(snakemake.resources.tmpdir) / "hic_shard_urls",
 )
 write_summary(summary, Path(snakemake.output.summary))
+stamp_outputs(snakemake)
 log.info(
     "sharded %s of %s rows; rejected %s",
     summary["sharded_rows"],

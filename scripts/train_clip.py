@@ -1,9 +1,11 @@
+import json
 import os
 import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from hic.provenance import from_job
 from hic.runlog import to_log
 from hic.train_clip import TrainSettings, train
 
@@ -29,4 +31,5 @@ summary = train(
 shutil.copy(work / "metrics.jsonl", out.metrics)
 shutil.copy(work / "params.txt", out.params)
 os.replace(work / "model.pt", out.model)
+Path(out.provenance).write_text(json.dumps(from_job(snakemake), indent=2, sort_keys=True) + "\n")
 log.info("run %s: %s", snakemake.wildcards.run, summary)

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 from hic.models import ModelRef
+from hic.provenance import stamp_outputs
 from hic.region_images import region_views
 from hic.region_tables import VERIFIED_SCHEMA, check_complete, image_sizes, read_rows, write_rows
 from hic.runlog import to_log
@@ -22,6 +23,7 @@ prompts = {
 rows = verify_regions(views, backend, prompts, settings)
 check_complete(regions, rows, "verify_labels")
 write_rows(rows, VERIFIED_SCHEMA, Path(snakemake.output[0]))
+stamp_outputs(snakemake)
 log.info(
     "verified %d regions: %s",
     len(rows),

@@ -1,0 +1,39 @@
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from hic.provenance import file_digest, read_provenance, stage_provenance, stamp
+
+
+def test_provenance_names_params_prompts_and_code_by_content(tmp_path):
+    prompt, module = tmp_path / "verify.txt", tmp_path / "verify_labels.py"
+    prompt.write_text("Is the box a {label}?")
+    module.write_text("x = 1\n")
+    params = {"model": {"id": "Qwen/Qwen2.5-VL-7B-Instruct", "revision": "abc"}, "max": 3}
+    inputs = {"regions": ["r.parquet"], "verify_prompt": [str(prompt)], "code": [str(module)]}
+    record = stage_provenance("verify_labels", params, inputs, tmp_path)
+    assert record["rule"] == "verify_labels" and record["params"] == params
+    assert record["prompts"] == {"verify_prompt": file_digest(prompt)}
+    assert record["code"] == {"verify_labels.py": file_digest(module)}
+    assert record["code_version"] == "unknown"  # tmp_path is no git checkout
+    prompt.write_text("Is the box a {label}? Answer yes or no.")
+    assert stage_provenance("verify_labels", params, inputs, tmp_path) != record
+
+
+def test_stamp_keeps_every_row_and_adds_the_record(tmp_path):
+    path = tmp_path / "shard.parquet"
+    table = pa.table(
+        {"key": [f"{i:04d}" for i in range(250)], "score": [i / 7 for i in range(250)]}
+    )
+    pq.write_table(table, path, row_group_size=100)  # several row groups stream through
+    stamp(path, {"rule": "select_regions", "params": {"max_regions": 3}})
+    assert pq.read_table(path).equals(table)
+    assert read_provenance(path) == {"rule": "select_regions", "params": {"max_regions": 3}}
+    assert not list(tmp_path.glob("*.stamping"))
+
+
+def test_unstamped_file_is_named(tmp_path):
+    path = tmp_path / "old.parquet"
+    pq.write_table(pa.table({"key": ["a"]}), path)
+    with pytest.raises(KeyError, match="old.parquet"):
+        read_provenance(path)
