@@ -241,3 +241,18 @@ def test_rekey_tar(tmp_path):
         assert tar.getnames() == ["abc.jpg", "abc.json"]
         assert tar.extractfile("abc.jpg").read() == GOOD
         assert json.loads(tar.extractfile("abc.json").read()) == {"key": "abc"}
+
+
+def test_rekeyed_tar_is_the_same_whatever_order_the_downloads_finished(tmp_path):
+    rename = {"0000000": "b2", "0000001": "a1", "0000002": "c3"}
+    members = [(f"{i:07d}.{ext}", f"{i}{ext}".encode()) for i in range(3) for ext in ("jpg", "txt")]
+    for n, order in enumerate([members, members[::-1], members[2:] + members[:2]]):
+        with tarfile.open(tmp_path / f"in{n}.tar", "w") as tar:
+            for name, data in order:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime = len(data), 1_700_000_000 + n  # written at different times
+                tar.addfile(info, io.BytesIO(data))
+        rekey_tar(tmp_path / f"in{n}.tar", tmp_path / f"out{n}.tar", rename)
+    with tarfile.open(tmp_path / "out0.tar") as tar:
+        assert tar.getnames() == ["a1.jpg", "a1.txt", "b2.jpg", "b2.txt", "c3.jpg", "c3.txt"]
+    assert len({(tmp_path / f"out{n}.tar").read_bytes() for n in range(3)}) == 1

@@ -155,10 +155,17 @@ def status_table(raw: pa.Table, expected: pa.Table) -> pa.Table:
 
 
 def rekey_tar(src: Path, dst: Path, rename: dict[str, str]) -> int:
-    """Copy a webdataset tar, renaming sample ``a.ext`` to ``rename[a].ext``; returns samples."""
+    """Copy a webdataset tar, renaming sample ``a.ext`` to ``rename[a].ext``; returns samples.
+
+    img2dataset's threads add samples in the order downloads finish, so samples are written
+    in key order, with a fixed mtime: the same images always give a byte-identical tar, and
+    the stages that read it batch the same images together on every run. Members are read
+    by offset, so memory holds one file at a time."""
     samples = set()
     with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
-        for member in tin:
+        members = [m for m in tin.getmembers() if m.isfile()]
+        members.sort(key=lambda m: (rename[m.name.partition(".")[0]], m.name))
+        for member in members:
             stem, _, ext = member.name.partition(".")
             data = tin.extractfile(member).read()
             key = rename[stem]
@@ -167,7 +174,7 @@ def rekey_tar(src: Path, dst: Path, rename: dict[str, str]) -> int:
                 meta["key"] = meta.pop("hic_key")
                 data = json.dumps(meta).encode()
             info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), member.mtime, 0o444
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
             tout.addfile(info, io.BytesIO(data))
             samples.add(key)
     return len(samples)
