@@ -1,13 +1,17 @@
 """The workflow as a user runs it: lint, config validation, dry runs and the tiny end-to-end run."""
 
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, copy_workflow, planned_jobs, snakemake
+from conftest import BIN, REPO, copy_workflow, planned_jobs, snakemake
 
 # A smaller demo world than the default, so the end-to-end run takes seconds.
 TINY = """
@@ -219,6 +223,92 @@ def test_tiny_run_writes_the_release_with_a_status_for_every_region(tiny_run):
     summary = json.loads((tiny_run / "results/stats/dataset_summary.json").read_text())
     assert summary["images"] == len(release) and summary["regions"] == len(regions)
     assert set(summary["region_recall"]) == {"all", "foreground"}
+
+
+REGION_STEPS = ["proposals", "selected", "verified", "captioned", "refined"]
+
+
+def kill_midway(wf: Path, after: str, timeout: float = 900) -> None:
+    """Start the tiny run in ``wf`` and SIGKILL snakemake and every job it started as soon as
+    a file matching ``after`` exists."""
+    with open(wf / "killed_run.log", "w") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "snakemake"), "--configfile", "tiny.yaml", "--cores", "2"],
+            cwd=wf,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"},
+            start_new_session=True,  # its own process group: the kill reaches every job
+        )
+        deadline = time.monotonic() + timeout
+        while not list(wf.glob(after)):
+            assert proc.poll() is None, (
+                "the run ended before the kill:\n" + (wf / "killed_run.log").read_text()
+            )
+            assert time.monotonic() < deadline, f"no {after} after {timeout} s"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def planned_outputs(wf: Path, *args: str) -> set[Path]:
+    out = snakemake(wf, "--dry-run", "--configfile", "tiny.yaml", *args).stdout
+    return {
+        wf / path.strip()
+        for line in out.splitlines()
+        if line.strip().startswith("output:")
+        for path in line.split(":", 1)[1].split(",")
+    }
+
+
+def mtimes(wf: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in (wf / "results").rglob("*") if p.is_file()}
+
+
+def release_rows(wf: Path) -> list[dict]:
+    files = sorted((wf / "results/dataset").glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(p) for p in files]).to_pylist()
+
+
+def test_a_killed_run_resumes_to_the_same_results_in_another_folder(tiny_run, tmp_path_factory):
+    """SIGKILL midway, unlock, run again: finished jobs stay, and the dataset and every metric
+    equal those of the uninterrupted run in another folder (CPU runs are deterministic)."""
+    wf = copy_workflow(tmp_path_factory.mktemp("killed"))
+    (wf / "tiny.yaml").write_text(TINY)
+    kill_midway(wf, "results/regions/verified/*.parquet")
+    snakemake(wf, "--unlock")  # a killed run leaves its lock behind
+    planned = planned_outputs(wf)
+    assert planned and (wf / "results/urls/summary.json") not in planned
+    before = mtimes(wf)
+    snakemake(wf, "--configfile", "tiny.yaml", "--cores", "2")
+    after = mtimes(wf)
+    kept = (planned_outputs(wf, "--forceall") - planned) & set(before)
+    assert kept, "some shard outputs were finished before the kill"
+    assert {p for p in kept if after.get(p) != before[p]} == set()  # finished work not redone
+
+    assert release_rows(wf) == release_rows(tiny_run)
+    deterministic = ["urls", "images", *(f"regions/{s}" for s in REGION_STEPS), "dataset"]
+    for name in deterministic:  # CPU stages: byte-identical files (tars, tables, provenance)
+        for path in sorted(p for p in (tiny_run / "results" / name).iterdir() if p.is_file()):
+            relative = path.relative_to(tiny_run)
+            assert (wf / relative).read_bytes() == path.read_bytes(), relative
+    for path in sorted((tiny_run / "results/scene").glob("*.parquet")):  # all but timings
+        columns = [c for c in pq.read_schema(path).names if c != "seconds"]
+        relative = path.relative_to(tiny_run)
+        assert pq.read_table(wf / relative, columns=columns) == pq.read_table(path, columns=columns)
+    for path in sorted((tiny_run / "results/eval").rglob("*.json")):
+        assert json.loads((wf / path.relative_to(tiny_run)).read_text()) == json.loads(
+            path.read_text()
+        )
+    for run in ["alt_text", "hierarchical", "pipeline"]:
+        metrics = f"results/clip/{run}/metrics.jsonl"
+        assert training_curve(wf / metrics) == training_curve(tiny_run / metrics)
+
+
+def training_curve(path: Path) -> list[tuple]:
+    """(step, epoch, loss, lr) of every step; throughput and data wait are timings."""
+    steps = [json.loads(line) for line in path.read_text().splitlines()]
+    return [(s["step"], s["epoch"], s["loss"], s["lr"]) for s in steps]
 
 
 def test_editing_the_refine_prompt_reruns_refinement_and_downstream_only(tiny_run):
