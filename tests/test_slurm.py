@@ -49,6 +49,8 @@ def cluster_profile(folder: Path) -> Path:
     for resources in profile["set-resources"].values():
         resources.update(slurm_partition="debug", mem_mb=1500, gpu=0, cpus_per_task=1)
     profile["set-threads"] = {rule: 1 for rule in profile["set-threads"]}
+    # A group job asks for the sum of its members' cpus: two fit this 2-cpu node.
+    profile["group-components"] = dict.fromkeys(profile["group-components"], 2)
     profile.update(
         {
             # No slurmdbd here: squeue, with MinJobAge (60 s) >= 3 x the init seconds.
