@@ -34,13 +34,13 @@ from hic.vlm import make_backend  # noqa: E402
 PROMPTS = {kind: (REPO / f"prompts/scene_{kind}.txt").read_text() for kind in ("short", "long")}
 
 
-def demo_shard(folder: Path, n: int) -> tuple[Path, Path]:
+def demo_shard(folder: Path, n: int, size: tuple[int, int] = (192, 144)) -> tuple[Path, Path]:
     rng = np.random.default_rng(0)
     keys = [f"{i:016x}" for i in range(n)]
     with tarfile.open(folder / "bench.tar", "w") as tar:
         for key in keys:
             buf = io.BytesIO()
-            demo_world.render(demo_world.make_scene(rng, 192, 144)).save(buf, "JPEG")
+            demo_world.render(demo_world.make_scene(rng, *size)).save(buf, "JPEG")
             info = tarfile.TarInfo(f"{key}.jpg")
             info.size = buf.tell()
             tar.addfile(info, io.BytesIO(buf.getvalue()))
