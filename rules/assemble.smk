@@ -5,7 +5,8 @@ rule assemble:
         regions="results/regions/refined/{shard}.parquet",
         code=library("assemble"),
     output:
-        "results/dataset/{shard}.parquet",
+        release="results/dataset/{shard}.parquet",
+        summary="results/dataset_summary/{shard}.parquet",
     params:
         provenance=region_provenance(),
     log:

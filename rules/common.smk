@@ -56,6 +56,12 @@ def demo_reference():
     return ["results/demo/reference.parquet"] if DEMO else []
 
 
+def demo_release():
+    """The release shards, which dataset_stats reads only to score regions against the demo
+    world's reference; otherwise it reads the per-shard summaries alone."""
+    return expand("results/dataset/{shard}.parquet", shard=SHARDS) if DEMO else []
+
+
 def prompt_hashes():
     """Hashes of the region stages' prompt files (their text is a rule input too)."""
     import hashlib

@@ -28,7 +28,8 @@ rule stats:
 
 rule dataset_stats:
     input:
-        release=expand("results/dataset/{shard}.parquet", shard=SHARDS),
+        summaries=expand("results/dataset_summary/{shard}.parquet", shard=SHARDS),
+        release=demo_release(),
         reference=demo_reference(),
         code=library("dataset_stats"),
     output:

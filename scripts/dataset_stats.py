@@ -11,12 +11,12 @@ from hic.dataset_stats import (
 from hic.runlog import to_log
 
 log = to_log(snakemake.log[0])
-params, out = snakemake.params, snakemake.output
-files = [Path(p) for p in snakemake.input.release]
-tables = dataset_stats(files, quantiles=params.quantiles, top_labels=params.top_labels)
-if snakemake.input.reference:
+inp, params, out = snakemake.input, snakemake.params, snakemake.output
+summaries = [Path(p) for p in inp.summaries]
+tables = dataset_stats(summaries, quantiles=params.quantiles, top_labels=params.top_labels)
+if inp.reference:
     tables["region_recall"] = region_recall(
-        files, Path(snakemake.input.reference[0]), params.region_iou
+        [Path(p) for p in inp.release], Path(inp.reference[0]), params.region_iou
     )
 folder = Path(out.tables)
 folder.mkdir(parents=True, exist_ok=True)
@@ -25,4 +25,4 @@ for name, table in tables.items():
 Path(out.summary).write_text(summary_markdown(tables))
 Path(out.numbers).write_text(json.dumps(summary_dict(tables), indent=2, sort_keys=True) + "\n")
 plot_dataset(tables, Path(out.plot))
-log.info("dataset statistics of %d shards written", len(files))
+log.info("dataset statistics of %d shard summaries written", len(summaries))

@@ -1,5 +1,4 @@
 import json
-import stat
 
 import duckdb
 import pandas as pd
@@ -10,9 +9,9 @@ import yaml
 
 from hic.assemble import (
     RELEASE_SCHEMA,
+    SUMMARY_SCHEMA,
     AssembleError,
     assemble_shard,
-    code_version,
     dataset_card,
 )
 from hic.caption_scene import SCENE_SCHEMA
@@ -128,6 +127,7 @@ def run(inputs, out):
         inputs["scene"],
         inputs["regions"],
         out,
+        out.parent.parent / "summary" / out.name,
         region_provenance=PROVENANCE,
         code_version="v1-3-gabc",
     )
@@ -193,6 +193,49 @@ def test_word_counts_and_provenance(release):
     assert rows["c"]["code_version"] == "v1-3-gabc"
 
 
+def summary_rows(release_file):
+    table = pq.read_table(release_file.parent.parent / "summary" / release_file.name)
+    assert table.schema.equals(SUMMARY_SCHEMA, check_metadata=True)
+    return [tuple(r.values()) for r in table.to_pylist()]
+
+
+def test_summary_holds_exact_histograms_and_counts(release):
+    provenance = {
+        "scene_model": "org/vlm",
+        "scene_model_revision": "rev1",
+        "scene_prompt_hash": "feed",
+        "region_provenance": json.dumps(PROVENANCE, sort_keys=True),
+        "code_version": "v1-3-gabc",
+    }
+    rows = summary_rows(release[0])
+    key = next(r[1] for r in rows if r[0] == "provenance")
+    assert json.loads(key) == provenance
+    assert rows == [
+        ("caption_source", "failed", None, 1, None),
+        ("caption_source", "fallback", None, 1, None),
+        ("caption_source", "llm", None, 2, None),
+        # c has no captions (0 words); a region caption of d is null
+        ("caption_words", "long", 0, 1, None),
+        ("caption_words", "long", 7, 1, None),
+        ("caption_words", "long", 11, 1, None),
+        ("caption_words", "region", 0, 1, None),
+        ("caption_words", "region", 3, 2, None),
+        ("caption_words", "region", 5, 1, None),
+        ("caption_words", "short", 0, 1, None),
+        ("caption_words", "short", 3, 1, None),
+        ("caption_words", "short", 4, 1, None),
+        *[("label", label, None, 1, 1) for label in ("car", "dog", "grass", "sky")],
+        ("label_source", "accurate", None, 3, None),
+        ("label_source", "corrected", None, 1, None),
+        ("provenance", key, None, 3, None),
+        ("region_kind", "background", None, 1, None),
+        ("region_kind", "foreground", None, 3, None),
+        *[("regions_per_image", None, n, 1, None) for n in (0, 1, 3)],
+        ("scene_status", "ok", None, 2, None),
+        ("scene_status", "unparsed", None, 1, None),
+    ]
+
+
 def test_missing_scene_key_is_an_error(inputs, tmp_path):
     write(inputs["scene"], SCENE_SCHEMA, [s for s in SCENES if s["key"] != "c"])
     with pytest.raises(AssembleError, match=r"scene\.parquet lacks downloaded 1 key\(s\): c"):
@@ -215,7 +258,7 @@ def test_unknown_region_kind_is_an_error(inputs, tmp_path):
 def test_shard_where_nothing_downloaded(inputs, tmp_path):
     write(inputs["status"], STATUS_SCHEMA, [STATUS[2]])
     write(inputs["regions"], REGION_COLUMNS, [])
-    out = tmp_path / "out.parquet"
+    out = tmp_path / "release" / "out.parquet"
     assert run(inputs, out) == {
         "images": 0,
         "regions": 0,
@@ -223,6 +266,7 @@ def test_shard_where_nothing_downloaded(inputs, tmp_path):
         "scene_status": {},
     }
     assert pq.read_table(out).num_rows == 0
+    assert summary_rows(out) == []
 
 
 def test_shard_without_any_region(inputs, tmp_path):
@@ -263,26 +307,6 @@ def test_release_reads_back_in_pandas_duckdb_and_datasets(release, tmp_path, mon
     ds = load_dataset("parquet", data_files=str(out), split="train", cache_dir=str(tmp_path / "hf"))
     assert ds.num_rows == 3
     assert list(ds) == expected
-
-
-def fake_git(bin_dir, stdout, rc):
-    bin_dir.mkdir()
-    git = bin_dir / "git"
-    git.write_text(f'#!/bin/sh\necho "{stdout} $*"\nexit {rc}\n')
-    git.chmod(git.stat().st_mode | stat.S_IXUSR)
-    return bin_dir
-
-
-def test_code_version_from_git_describe(tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", str(fake_git(tmp_path / "bin", "v2-dirty", 0)))
-    assert code_version(tmp_path) == f"v2-dirty -C {tmp_path} describe --always --dirty"
-
-
-def test_code_version_unknown_outside_a_checkout_or_without_git(tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", str(fake_git(tmp_path / "bin", "fatal: not a git repository", 128)))
-    assert code_version(tmp_path) == "unknown"
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    assert code_version(tmp_path) == "unknown"
 
 
 SUMMARY = {
@@ -340,7 +364,8 @@ def test_dataset_card_front_matter_counts_and_models():
 
 
 def test_dataset_card_flags_tiny_models_of_the_default(release):
-    summary = summary_dict(dataset_stats([release[0]], quantiles=[0.5], top_labels=3))
+    summaries = [release[0].parent.parent / "summary" / release[0].name]
+    summary = summary_dict(dataset_stats(summaries, quantiles=[0.5], top_labels=3))
     card = dataset_card(summary, TINY)
     assert "Noise, not captions" in card
     assert "Images: 3" in card and "Regions: 4 (1.33 per image" in card

@@ -1,10 +1,13 @@
 import json
 
+import duckdb
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hic.assemble import RELEASE_SCHEMA
+from hic.assemble import RELEASE_SCHEMA, release_summary
 from hic.dataset_stats import (
     dataset_stats,
     plot_dataset,
@@ -56,6 +59,14 @@ def write(path, rows, schema=RELEASE_SCHEMA):
     return path
 
 
+def summarise(files):
+    """What the assemble stage writes next to each release shard."""
+    out = [f.with_name(f"summary_{f.name}") for f in files]
+    for f, summary in zip(files, out, strict=True):
+        pq.write_table(release_summary(pq.read_table(f)), summary)
+    return out
+
+
 @pytest.fixture
 def files(tmp_path):
     return [
@@ -96,7 +107,7 @@ def files(tmp_path):
 
 @pytest.fixture
 def tables(files):
-    return dataset_stats(files, quantiles=QUANTILES, top_labels=2)
+    return dataset_stats(summarise(files), quantiles=QUANTILES, top_labels=2)
 
 
 def records(df):
@@ -233,3 +244,131 @@ def test_region_recall_counts_images_missing_from_release_as_missed(release, tmp
     assert result["foreground"]["precision"] == 1.0
     strict = by_scope(region_recall(release, ref, iou_threshold=0.9))
     assert strict["all"]["matched"] == 1  # the shifted box (IoU 0.82) no longer matches
+
+
+# ------------------------------------------- merged summaries vs one query over every row
+def row_level_stats(files, quantiles, top_labels):
+    """The same tables computed over the release rows themselves: the reference."""
+    q = ", ".join(f'quantile_disc({{c}}, {v}) FILTER ({{w}}) AS "q{v:g}"' for v in quantiles)
+    con = duckdb.connect()
+    con.read_parquet([str(f) for f in files]).create_view("release")
+    con.execute(
+        "CREATE VIEW words AS SELECT 'short' AS kind, short_words AS words FROM release "
+        "UNION ALL SELECT 'long', long_words FROM release "
+        "UNION ALL SELECT 'region', unnest(region_words) FROM release"
+    )
+    con.execute(
+        "CREATE VIEW region_rows AS SELECT key, r.label AS label, r.kind AS kind, "
+        "r.label_source AS label_source, r.caption_source AS caption_source "
+        "FROM (SELECT key, unnest(regions) AS r FROM release)"
+    )
+
+    def counts(column, source):
+        return con.execute(
+            f"SELECT {column}, count(*) AS count, round(count(*) / sum(count(*)) OVER (), 4) "
+            f"AS fraction FROM {source} GROUP BY 1 ORDER BY count DESC, 1"
+        ).df()
+
+    tables = {
+        "overview": con.execute(
+            "SELECT count(*) AS images, coalesce(sum(region_count), 0)::BIGINT AS regions, "
+            "round(coalesce(avg(region_count), 0), 3) AS regions_per_image, "
+            "count(*) FILTER (region_count = 0) AS images_without_regions, "
+            "(SELECT count(DISTINCT label) FROM region_rows) AS label_vocabulary FROM release"
+        ).df(),
+        "regions_per_image": con.execute(
+            "SELECT count(*) AS images, min(region_count) AS min, "
+            f"{q.format(c='region_count', w='true')}, max(region_count) AS max, "
+            "round(avg(region_count), 2) AS mean FROM release"
+        ).df(),
+        "regions_per_image_histogram": con.execute(
+            "SELECT region_count AS regions, count(*) AS images FROM release GROUP BY 1 ORDER BY 1"
+        ).df(),
+        "caption_words": con.execute(
+            "SELECT kind, count(*) FILTER (words > 0) AS n, "
+            "count(*) FILTER (words = 0) AS missing, min(words) FILTER (words > 0) AS min, "
+            f"{q.format(c='words', w='words > 0')}, max(words) FILTER (words > 0) AS max, "
+            "round(avg(words) FILTER (words > 0), 2) AS mean FROM words GROUP BY kind "
+            "ORDER BY list_position(['short', 'long', 'region'], kind)"
+        ).df(),
+        "caption_words_histogram": con.execute(
+            "SELECT kind, words, count(*) AS count FROM words WHERE words > 0 "
+            "GROUP BY 1, 2 ORDER BY 1, 2"
+        ).df(),
+        "labels": con.execute(
+            "SELECT label, count(*) AS count, count(DISTINCT key) AS images FROM region_rows "
+            "GROUP BY label ORDER BY count DESC, label LIMIT ?",
+            [top_labels],
+        ).df(),
+        "region_kinds": counts("kind", "region_rows"),
+        "label_sources": counts("label_source", "region_rows"),
+        "caption_sources": counts("caption_source", "region_rows"),
+        "scene_status": counts("scene_status", "release"),
+        "provenance": con.execute(
+            "SELECT scene_model, scene_model_revision, scene_prompt_hash, region_provenance, "
+            "code_version, count(*) AS images FROM release GROUP BY ALL ORDER BY images DESC"
+        ).df(),
+    }
+    con.close()
+    return tables
+
+
+def pick(rng, values, n, p=None):
+    """``n`` draws of ``values`` (None allowed), as a list."""
+    return [values[i] for i in rng.choice(len(values), n, p=p)]
+
+
+def generated_release(rng, n_images, max_regions):
+    """Release rows with skewed, tie-rich distributions, nulls and three provenance groups."""
+    labels = pick(rng, ["dog", "sky", "car", "tree", "road", None], 6 * n_images)
+    region_counts = rng.integers(0, max_regions + 1, n_images)
+    rows = []
+    for i, n_regions in enumerate(region_counts):
+        regions = [
+            reg(
+                labels[6 * i + j],
+                kind=str(rng.choice(["foreground", "background"])),
+                words=int(rng.choice([0, 3, 3, 40, 41, 60])),
+                label_source=pick(rng, ["accurate", "corrected", "unparsed", None], 1)[0],
+                caption_source=str(rng.choice(["llm", "fallback", "failed"])),
+            )
+            for j in range(n_regions)
+        ]
+        missing = rng.random() < 0.1
+        r = row(
+            f"{i:06x}",
+            regions,
+            0 if missing else int(rng.integers(1, 30)),
+            0 if missing else int(rng.geometric(0.02)),
+            status="unparsed" if missing else "ok",
+        )
+        # provenance groups of 60%, 30% and 10% of the rows: distinct counts, so a fixed order
+        group = 0 if i % 10 < 6 else 1 if i % 10 < 9 else 2
+        r["code_version"] = f"v{group}"
+        r["scene_model_revision"] = None if group == 1 else "rev"
+        rows.append(r)
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("n_images", "max_regions", "n_shards"),
+    [(3000, 6, 7), (400, 0, 3), (0, 3, 2), (1, 1, 1)],
+)
+def test_merged_summaries_give_the_figures_of_a_query_over_every_row(
+    tmp_path, n_images, max_regions, n_shards
+):
+    rng = np.random.default_rng(n_images)
+    rows = generated_release(rng, n_images, max_regions)
+    cuts = np.sort(rng.integers(0, n_images + 1, n_shards - 1))  # shards of uneven size
+    files = [
+        write(tmp_path / f"{s:05d}.parquet", part.tolist())
+        for s, part in enumerate(np.split(np.array(rows, dtype=object), cuts))
+    ]
+    quantiles = [0.0, 0.05, 0.07, 0.25, 0.29, 1 / 3, 0.5, 0.75, 0.95, 0.99, 1.0]
+    merged = dataset_stats(summarise(files), quantiles=quantiles, top_labels=4)
+    expected = row_level_stats(files, quantiles, top_labels=4)
+    assert list(merged) == list(expected)
+    for name, table in expected.items():
+        pd.testing.assert_frame_equal(merged[name], table, check_exact=True, obj=name)
+    assert summary_markdown(merged) == summary_markdown(expected)
+    assert summary_dict(merged) == summary_dict(expected)

@@ -1,8 +1,10 @@
+import stat
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hic.provenance import file_digest, read_provenance, stage_provenance, stamp
+from hic.provenance import file_digest, git_describe, read_provenance, stage_provenance, stamp
 
 
 def test_provenance_names_params_prompts_and_code_by_content(tmp_path):
@@ -37,3 +39,23 @@ def test_unstamped_file_is_named(tmp_path):
     pq.write_table(pa.table({"key": ["a"]}), path)
     with pytest.raises(KeyError, match="old.parquet"):
         read_provenance(path)
+
+
+def fake_git(bin_dir, stdout, rc):
+    bin_dir.mkdir()
+    git = bin_dir / "git"
+    git.write_text(f'#!/bin/sh\necho "{stdout} $*"\nexit {rc}\n')
+    git.chmod(git.stat().st_mode | stat.S_IXUSR)
+    return bin_dir
+
+
+def test_code_version_is_git_describe(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(fake_git(tmp_path / "bin", "v2-dirty", 0)))
+    assert git_describe(tmp_path) == f"v2-dirty -C {tmp_path} describe --always --dirty"
+
+
+def test_code_version_unknown_outside_a_checkout_or_without_git(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(fake_git(tmp_path / "bin", "fatal: not a git repository", 128)))
+    assert git_describe(tmp_path) == "unknown"
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert git_describe(tmp_path) == "unknown"

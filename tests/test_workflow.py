@@ -287,7 +287,8 @@ def test_a_killed_run_resumes_to_the_same_results_in_another_folder(tiny_run, tm
     assert {p for p in kept if after.get(p) != before[p]} == set()  # finished work not redone
 
     assert release_rows(wf) == release_rows(tiny_run)
-    deterministic = ["urls", "images", *(f"regions/{s}" for s in REGION_STEPS), "dataset"]
+    stages = ["urls", "images", *(f"regions/{s}" for s in REGION_STEPS)]
+    deterministic = [*stages, "dataset", "dataset_summary"]
     for name in deterministic:  # CPU stages: byte-identical files (tars, tables, provenance)
         for path in sorted(p for p in (tiny_run / "results" / name).iterdir() if p.is_file()):
             relative = path.relative_to(tiny_run)

@@ -13,17 +13,18 @@ Inputs per shard, joined on ``key``:
   caption, nullable) and ``refine_path`` (llm | fallback | failed: how the caption was
   obtained). Other columns (source, mask_area, raw_caption, ...) stay in the stage outputs.
 
-Per-row word counts are computed here, once, so dataset statistics only aggregate integers.
+Per-row word counts are computed here, once, and each shard is also summarised here
+(``release_summary``: exact histograms and counts), so the global statistics only merge small
+per-shard tables and never read captions.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from collections import Counter
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -168,16 +169,75 @@ def _region_lists(regions: Path, keys: pa.Array) -> tuple[pa.ListArray, pa.ListA
     )
 
 
+#: Per-shard summary of the release: one long table of exact counts, merged across shards by
+#: ``hic.dataset_stats``. Each ``measure`` is one GROUP BY of the release rows:
+#:
+#: - ``regions_per_image``: value = regions of an image, count = images;
+#: - ``caption_words``: key = short | long | region, value = words (0: caption missing),
+#:   count = captions;
+#: - ``label``: key = region label, count = regions, images = images showing it (a key lives in
+#:   one shard only, so images add up across shards);
+#: - ``region_kind``, ``label_source``, ``caption_source``: key = the region field, count = regions;
+#: - ``scene_status``: key = the status, count = images;
+#: - ``provenance``: key = JSON object of the five provenance columns (``scene_model`` to
+#:   ``code_version``), count = images.
+SUMMARY_SCHEMA = pa.schema(
+    [
+        _field("measure", pa.string(), "which distribution or count the row belongs to"),
+        _field("key", pa.string(), "category within the measure; null when it has none"),
+        _field("value", pa.int32(), "integer measured (words, regions); null for category counts"),
+        _field("count", pa.int64(), "rows (images, captions or regions) with this key and value"),
+        _field("images", pa.int64(), "distinct images, for labels; null otherwise"),
+    ]
+)
+
+# One branch per measure; hic.dataset_stats sums the counts over shards.
+_SUMMARY_SQL = """
+WITH region_rows AS MATERIALIZED (SELECT key, unnest(regions) AS r FROM release),
+region_words AS MATERIALIZED (SELECT unnest(region_words) AS words FROM release)
+SELECT 'regions_per_image' AS measure, NULL::VARCHAR AS key, region_count AS value,
+    count(*) AS count, NULL::BIGINT AS images FROM release GROUP BY ALL
+UNION ALL SELECT 'caption_words', 'short', short_words, count(*), NULL FROM release GROUP BY ALL
+UNION ALL SELECT 'caption_words', 'long', long_words, count(*), NULL FROM release GROUP BY ALL
+UNION ALL SELECT 'caption_words', 'region', words, count(*), NULL FROM region_words GROUP BY ALL
+UNION ALL SELECT 'label', r.label, NULL, count(*), count(DISTINCT key) FROM region_rows
+    GROUP BY ALL
+UNION ALL SELECT 'region_kind', r.kind, NULL, count(*), NULL FROM region_rows GROUP BY ALL
+UNION ALL SELECT 'label_source', r.label_source, NULL, count(*), NULL FROM region_rows
+    GROUP BY ALL
+UNION ALL SELECT 'caption_source', r.caption_source, NULL, count(*), NULL FROM region_rows
+    GROUP BY ALL
+UNION ALL SELECT 'scene_status', scene_status, NULL, count(*), NULL FROM release GROUP BY ALL
+UNION ALL SELECT 'provenance', to_json({
+        'scene_model': scene_model, 'scene_model_revision': scene_model_revision,
+        'scene_prompt_hash': scene_prompt_hash, 'region_provenance': region_provenance,
+        'code_version': code_version
+    })::VARCHAR, NULL, n, NULL
+    FROM (SELECT scene_model, scene_model_revision, scene_prompt_hash, region_provenance,
+        code_version, count(*) AS n FROM release GROUP BY ALL)
+ORDER BY measure, key NULLS FIRST, value NULLS FIRST
+"""
+
+
+def release_summary(release: pa.Table) -> pa.Table:
+    """The ``SUMMARY_SCHEMA`` rows of a shard's release rows (``RELEASE_SCHEMA``), sorted."""
+    with duckdb.connect() as con:
+        con.register("release", release)
+        return con.sql(_SUMMARY_SQL).to_arrow_table().cast(SUMMARY_SCHEMA)
+
+
 def assemble_shard(
     status: Path,
     scene: Path,
     regions: Path,
     out: Path,
+    summary: Path,
     *,
     region_provenance: dict,
     code_version: str,
 ) -> dict:
-    """Write the release rows of one shard to ``out``; return a count summary.
+    """Write the release rows of one shard to ``out`` and their ``release_summary`` to
+    ``summary``; return a count summary.
 
     One row per downloaded image, in status-table order. Raises ``AssembleError`` when the
     scene table lacks a downloaded key or the regions name a key that did not download.
@@ -209,28 +269,15 @@ def assemble_shard(
         },
         schema=RELEASE_SCHEMA,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out)
+    for path, content in ((out, table), (summary, release_summary(table))):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(content, path)
     return {
         "images": n,
         "regions": int(counts.sum()),
         "images_without_regions": int((counts == 0).sum()),
         "scene_status": dict(Counter(captions["status"].to_pylist())),
     }
-
-
-def code_version(repo: Path) -> str:
-    """``git describe --always --dirty`` of ``repo``, or "unknown" without git or a checkout."""
-    git = shutil.which("git")
-    if git is None:
-        return "unknown"
-    proc = subprocess.run(
-        [git, "-C", str(repo), "describe", "--always", "--dirty"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else "unknown"
 
 
 _SIZE_CATEGORIES = [

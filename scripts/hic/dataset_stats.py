@@ -1,9 +1,16 @@
-"""Statistics of the assembled release, aggregated with DuckDB over all shards.
+"""Statistics of the assembled release, merged with DuckDB from per-shard summaries.
 
-Word counts are stored per row by the assemble stage (``short_words``, ``long_words``,
-``region_words``), so this stage only reads integer and label columns: captions are never
-read or re-tokenised. Caption lengths are measured over captions that exist (words > 0); a
-missing caption is counted separately rather than as a zero-word caption.
+The assemble stage writes, next to each release shard, its summary (``hic.assemble.
+SUMMARY_SCHEMA``: exact integer histograms and counts). This stage sums those small tables over
+all shards and reads no release row: counts, quantiles (DuckDB's quantile_disc rule), minima
+and maxima come from the merged histograms and equal those of a query over every row. A mean is
+the exact integer total over the count, divided in double precision; DuckDB's avg of INTEGER
+divides in long double, which can differ in the last bit: it would show after rounding to 2-3
+decimals only if the exact mean lay within that bit of a rounding boundary.
+
+Caption lengths are measured over captions that exist (words > 0); a missing caption is counted
+separately rather than as a zero-word caption. Only the region recall against reference
+annotations (the demo world) reads the release shards.
 """
 
 from __future__ import annotations
@@ -24,77 +31,103 @@ from hic.select_regions import match_regions, recall_precision  # noqa: E402
 
 CAPTION_KINDS = ("short", "long", "region")
 
-# One row per caption slot: kind and its word count (0 when the caption is missing).
+_MERGED = (
+    "SELECT measure, key, value, sum(count)::BIGINT AS count, sum(images)::BIGINT AS images "
+    "FROM summaries GROUP BY ALL"
+)
+# Histograms with, per value, how many items have it or less (``cumulative``) and how many are
+# in its group (``n``): what an exact quantile needs.
+_IMAGES = (
+    "SELECT value AS regions, count AS images, "
+    "sum(count) OVER (ORDER BY value)::BIGINT AS cumulative, sum(count) OVER ()::BIGINT AS n "
+    "FROM merged WHERE measure = 'regions_per_image'"
+)
 _WORDS = (
-    "SELECT 'short' AS kind, short_words AS words FROM release "
-    "UNION ALL SELECT 'long', long_words FROM release "
-    "UNION ALL SELECT 'region', unnest(region_words) FROM release"
+    "SELECT key AS kind, value AS words, count, "
+    "sum(count) OVER (PARTITION BY key, value > 0 ORDER BY value)::BIGINT AS cumulative, "
+    "sum(count) OVER (PARTITION BY key, value > 0)::BIGINT AS n "
+    "FROM merged WHERE measure = 'caption_words'"
 )
-_REGIONS = (
-    "SELECT key, r.label AS label, r.kind AS kind, r.label_source AS label_source, "
-    "r.caption_source AS caption_source FROM (SELECT key, unnest(regions) AS r FROM release)"
+_PROVENANCE = ", ".join(
+    f"key->>'{c}' AS {c}"
+    for c in (
+        "scene_model",
+        "scene_model_revision",
+        "scene_prompt_hash",
+        "region_provenance",
+        "code_version",
+    )
 )
 
 
-def _counts(con: duckdb.DuckDBPyConnection, column: str, source: str) -> pd.DataFrame:
+def _counts(con: duckdb.DuckDBPyConnection, column: str, measure: str) -> pd.DataFrame:
     return con.execute(
-        f"SELECT {column}, count(*) AS count, round(count(*) / sum(count(*)) OVER (), 4) "
-        f"AS fraction FROM {source} GROUP BY 1 ORDER BY count DESC, 1"
+        f"SELECT key AS {column}, count, round(count / sum(count) OVER (), 4) AS fraction "
+        "FROM merged WHERE measure = ? ORDER BY count DESC, 1",
+        [measure],
     ).df()
 
 
-def _quantiles(quantiles: Sequence[float], column: str, where: str = "true") -> str:
+def _quantiles(quantiles: Sequence[float], value: str, where: str = "true") -> str:
+    """quantile_disc over a histogram: the smallest value whose cumulative count reaches rank
+    max(1, n - floor(n - n·q)), i.e. ceil(n·q), computed as DuckDB does; q is written as the
+    same SQL literal (a DECIMAL, so the arithmetic is exact)."""
     return ", ".join(
-        f'quantile_disc({column}, {q}) FILTER ({where}) AS "q{q:g}"' for q in quantiles
+        f"min({value}) FILTER ({where} AND cumulative >= greatest(1, n - floor(n - n * {q}))) "
+        f'AS "q{q:g}"'
+        for q in quantiles
     )
 
 
 def dataset_stats(
-    files: Sequence[Path], *, quantiles: Sequence[float], top_labels: int
+    summaries: Sequence[Path], *, quantiles: Sequence[float], top_labels: int
 ) -> dict[str, pd.DataFrame]:
-    """Tables over all release shards (see ``hic.assemble.RELEASE_SCHEMA``)."""
+    """Tables over all release shards, from their summaries (``hic.assemble.release_summary``)."""
     con = duckdb.connect()
-    con.read_parquet([str(f) for f in files]).create_view("release")
+    con.read_parquet([str(f) for f in summaries]).create_view("summaries")
+    con.execute(f"CREATE TABLE merged AS {_MERGED}")
+    con.execute(f"CREATE VIEW images AS {_IMAGES}")
     con.execute(f"CREATE VIEW words AS {_WORDS}")
-    con.execute(f"CREATE VIEW region_rows AS {_REGIONS}")
     tables = {
         "overview": con.execute(
-            "SELECT count(*) AS images, coalesce(sum(region_count), 0)::BIGINT AS regions, "
-            "round(coalesce(avg(region_count), 0), 3) AS regions_per_image, "
-            "count(*) FILTER (region_count = 0) AS images_without_regions, "
-            "(SELECT count(DISTINCT label) FROM region_rows) AS label_vocabulary FROM release"
+            "SELECT coalesce(sum(images), 0)::BIGINT AS images, "
+            "coalesce(sum(regions * images), 0)::BIGINT AS regions, "
+            "round(coalesce(sum(regions * images) / sum(images), 0), 3) AS regions_per_image, "
+            "coalesce(sum(images) FILTER (regions = 0), 0)::BIGINT AS images_without_regions, "
+            "(SELECT count(key) FROM merged WHERE measure = 'label') AS label_vocabulary "
+            "FROM images"
         ).df(),
         "regions_per_image": con.execute(
-            f"SELECT count(*) AS images, min(region_count) AS min, "
-            f"{_quantiles(quantiles, 'region_count')}, max(region_count) AS max, "
-            f"round(avg(region_count), 2) AS mean FROM release"
+            f"SELECT coalesce(sum(images), 0)::BIGINT AS images, min(regions) AS min, "
+            f"{_quantiles(quantiles, 'regions')}, max(regions) AS max, "
+            f"round(sum(regions * images) / sum(images), 2) AS mean FROM images"
         ).df(),
         "regions_per_image_histogram": con.execute(
-            "SELECT region_count AS regions, count(*) AS images FROM release GROUP BY 1 ORDER BY 1"
+            "SELECT regions, images FROM images ORDER BY 1"
         ).df(),
         "caption_words": con.execute(
-            f"SELECT kind, count(*) FILTER (words > 0) AS n, "
-            f"count(*) FILTER (words = 0) AS missing, min(words) FILTER (words > 0) AS min, "
+            f"SELECT kind, coalesce(sum(count) FILTER (words > 0), 0)::BIGINT AS n, "
+            f"coalesce(sum(count) FILTER (words = 0), 0)::BIGINT AS missing, "
+            f"min(words) FILTER (words > 0) AS min, "
             f"{_quantiles(quantiles, 'words', 'words > 0')}, max(words) FILTER (words > 0) "
-            f"AS max, round(avg(words) FILTER (words > 0), 2) AS mean "
+            f"AS max, round(sum(words * count) / sum(count) FILTER (words > 0), 2) AS mean "
             f"FROM words GROUP BY kind ORDER BY list_position({list(CAPTION_KINDS)}, kind)"
         ).df(),
         "caption_words_histogram": con.execute(
-            "SELECT kind, words, count(*) AS count FROM words WHERE words > 0 "
-            "GROUP BY 1, 2 ORDER BY 1, 2"
+            "SELECT kind, words, count FROM words WHERE words > 0 ORDER BY 1, 2"
         ).df(),
         "labels": con.execute(
-            "SELECT label, count(*) AS count, count(DISTINCT key) AS images FROM region_rows "
-            "GROUP BY label ORDER BY count DESC, label LIMIT ?",
+            "SELECT key AS label, count, images FROM merged WHERE measure = 'label' "
+            "ORDER BY count DESC, label LIMIT ?",
             [top_labels],
         ).df(),
-        "region_kinds": _counts(con, "kind", "region_rows"),
-        "label_sources": _counts(con, "label_source", "region_rows"),
-        "caption_sources": _counts(con, "caption_source", "region_rows"),
-        "scene_status": _counts(con, "scene_status", "release"),
+        "region_kinds": _counts(con, "kind", "region_kind"),
+        "label_sources": _counts(con, "label_source", "label_source"),
+        "caption_sources": _counts(con, "caption_source", "caption_source"),
+        "scene_status": _counts(con, "scene_status", "scene_status"),
         "provenance": con.execute(
-            "SELECT scene_model, scene_model_revision, scene_prompt_hash, region_provenance, "
-            "code_version, count(*) AS images FROM release GROUP BY ALL ORDER BY images DESC"
+            f"SELECT {_PROVENANCE}, count AS images FROM merged WHERE measure = 'provenance' "
+            "ORDER BY images DESC, key"
         ).df(),
     }
     con.close()
