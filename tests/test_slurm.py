@@ -105,6 +105,8 @@ def test_tiny_workflow_runs_through_slurm_and_survives_a_cancelled_job(cluster, 
     text = (tmp_path / "snakemake.log").read_text()
     assert f"SLURM-job '{victim}' failed, SLURM status is: 'CANCELLED'" in text
     assert "Trying to restart job" in text  # and the restarted attempt succeeded
+    for group in ["select_batch", "assemble_batch"]:  # 3 shards in groups of 2: two group jobs
+        assert text.count(f"Group job {group} ") == 2, group
     assert (wf / "results/tables/retrieval.md").exists()
     assert len(list((wf / "results/dataset").glob("*.parquet"))) == 3  # 33 URL rows / 16
     assert (
