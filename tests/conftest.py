@@ -30,6 +30,13 @@ WORKFLOW_FILES = [
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The SLURM test runs last: it installs slurm-wlm, and once its daemons are stopped every
+    snakemake start waits ~9 s on `scontrol show config` (the slurm plugin asks the controller
+    for MinJobAge while building its help text), which would slow every later workflow test."""
+    items.sort(key=lambda item: item.path.name == "test_slurm.py")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def offline():
     """No test may reach the network: huggingface_hub reads HF_HUB_OFFLINE once, at import."""
