@@ -1,8 +1,11 @@
 import copy
 import math
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from hic.region_tables import PROPOSAL_SCHEMA, SELECTED_SCHEMA
 from hic.select_regions import (
     SelectSettings,
     clip_box,
@@ -11,6 +14,7 @@ from hic.select_regions import (
     nms,
     recall_precision,
     select,
+    select_shard,
 )
 
 W, H = 200, 100  # image area 20,000 px
@@ -302,3 +306,30 @@ def test_recall_precision():
     assert recall_precision(0, 0, 0) == (None, None)
     with pytest.raises(ValueError):
         recall_precision(3, 2, 5)
+
+
+# select_shard
+
+
+def test_select_shard_selects_each_image_as_select_does(tmp_path):
+    proposals = [
+        {**region("dog", [10, 10, 50, 50], 0.9), "key": "a"},
+        {**region("cat", [100, 10, 50, 50], 0.8), "key": "a"},
+        {**region("sky", [0, 0, 200, 40], 0.5, kind="background"), "key": "a"},
+        {**region("cup", [0, 0, 20, 20], 0.7), "key": "b"},
+    ]
+    pq.write_table(pa.Table.from_pylist(proposals, schema=PROPOSAL_SCHEMA), tmp_path / "p.parquet")
+    size = {"width": W, "height": H, "original_width": W, "original_height": H}
+    sizes = [{"key": k, **size} for k in ("a", "b", "c")]
+    pq.write_table(pa.Table.from_pylist(sizes), tmp_path / "s.parquet")
+    settings = SelectSettings(max_regions=2)
+    summary = select_shard(
+        tmp_path / "p.parquet", tmp_path / "s.parquet", tmp_path / "o.parquet", settings
+    )
+    rows = pq.read_table(tmp_path / "o.parquet").to_pylist()
+    expected = select(proposals[:3], W, H, settings) + select(proposals[3:], W, H, settings)
+    assert summary == {"images": 2, "regions": 3}
+    assert [(r["key"], r["label"], r["rank"]) for r in rows] == [
+        (r["key"], r["label"], r["rank"]) for r in expected
+    ]
+    assert pq.read_schema(tmp_path / "o.parquet") == SELECTED_SCHEMA

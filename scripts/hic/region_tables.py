@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -54,9 +55,51 @@ def read_rows(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
+def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist([{n: r.get(n) for n in schema.names} for r in rows], schema=schema)
+
+
 def write_rows(rows: list[dict], schema: pa.Schema, path: Path) -> None:
-    table = pa.Table.from_pylist([{n: r.get(n) for n in schema.names} for r in rows], schema=schema)
-    pq.write_table(table, path, compression="zstd")
+    pq.write_table(_table(rows, schema), path, compression="zstd")
+
+
+def image_groups(path: Path, batch_rows: int = 1024) -> Iterator[list[dict]]:
+    """The rows of a region table, one list per image, read ``batch_rows`` rows at a time.
+
+    Region stages write an image's rows together, one image after another, so this holds one
+    batch and one image rather than the shard. An image whose rows come back after another
+    image's is an error: its regions would be handled as two images."""
+    done: set[str] = set()
+    group: list[dict] = []
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+        for row in batch.to_pylist():
+            if group and row["key"] != group[0]["key"]:
+                done.add(group[0]["key"])
+                yield group
+                group = []
+            if row["key"] in done:
+                raise ValueError(f"{path}: the rows of image {row['key']} are not together")
+            group.append(row)
+    if group:
+        yield group
+
+
+def write_groups(
+    groups: Iterable[list[dict]], schema: pa.Schema, path: Path, group_rows: int = 1024
+) -> tuple[int, int]:
+    """Write lists of rows as they come, a Parquet row group per ``group_rows`` rows, so only
+    that many are held; returns (lists, rows) written."""
+    lists = rows = 0
+    pending: list[dict] = []
+    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        for group in groups:
+            lists += 1
+            pending += group
+            if len(pending) >= group_rows:
+                writer.write_table(_table(pending, schema))
+                rows, pending = rows + len(pending), []
+        writer.write_table(_table(pending, schema))  # the rest; an empty table writes no rows
+    return lists, rows + len(pending)
 
 
 def image_sizes(status: Path) -> dict[str, dict]:

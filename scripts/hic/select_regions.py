@@ -37,6 +37,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+from hic.region_tables import SELECTED_SCHEMA, image_groups, image_sizes, write_groups
 
 KINDS = ("foreground", "background")
 
@@ -192,6 +195,24 @@ def select(proposals: list[dict], width: int, height: int, settings: SelectSetti
     take_fg, take_bg = _slots(len(foreground), len(background), settings)
     chosen = foreground[:take_fg] + background[:take_bg]
     return [{**p, "rank": rank} for rank, p in enumerate(chosen)]
+
+
+def select_shard(
+    proposals: Path, status: Path, out: Path, settings: SelectSettings
+) -> dict[str, int]:
+    """Select every image's regions from a proposals table into ``out`` (SELECTED_SCHEMA),
+    one image at a time: memory holds a batch of rows, not the shard's."""
+    sizes = image_sizes(status)
+    chosen = (
+        select(rows, *_original_size(sizes[rows[0]["key"]]), settings)
+        for rows in image_groups(proposals)
+    )
+    images, regions = write_groups(chosen, SELECTED_SCHEMA, out)
+    return {"images": images, "regions": regions}
+
+
+def _original_size(size: dict) -> tuple[int, int]:
+    return size["original_width"], size["original_height"]
 
 
 def match_regions(
