@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE := disabled
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test lint install clean
+.PHONY: run test lint install clean cost
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ lint: install
 
 test: lint
 	$(BIN)/pytest
+
+# `make cost COST="--images 12000000 --gpus 64"`: a run's bill from results/benchmarks (README).
+COST ?= --images 12000000 --gpus 64 --cpu-jobs 32 --shard-size 10000
+cost: install
+	PYTHONPATH=scripts $(BIN)/python -m hic.cost $(COST)
 
 clean:
 	rm -rf results .snakemake
