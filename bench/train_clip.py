@@ -10,9 +10,10 @@ twice on them, with the same batch size, steps, AdamW and cosine schedule:
 
 - baseline: open_clip_train's ``train_one_epoch`` fed by open_clip_train's own webdataset
   loader (``get_wds_dataset``, ``--workers`` DataLoader processes). One substitution: its
-  ``tarfile_to_samples_nothrow`` reads a ``fname`` key that webdataset >= 0.2.96 no longer
-  yields, so it is replaced by ``wds.tarfile_to_samples(handler=log_and_continue)``, the
-  reader open_clip's own source names beside it;
+  ``tarfile_to_samples_nothrow`` fails with KeyError 'fname' on webdataset >= 0.2.96, whose
+  tar expander ends each shard with an empty marker dict, so it is replaced by
+  ``wds.tarfile_to_samples(handler=log_and_continue)``, the reader open_clip's own source
+  names beside it;
 - project: ``hic.train_clip.train`` as the train_clip rule calls it, policy ``long`` (the same
   caption, joined from the annotations by key).
 
