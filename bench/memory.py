@@ -13,8 +13,8 @@ RSS and its children's when the script returns (``peak_kib``).
 
 The models are the tiny random ones, built here; generation is cut to 2 new tokens, the
 detector gets a 3-name vocabulary (up to 4 boxes each), SAM a 2x2 point grid, and
-select_regions keeps one region per image, so 10,000 images fit on 2 CPU cores (about 25
-minutes when the machine is idle).
+select_regions keeps one region per image, so 10,000 images fit on 2 CPU cores (about 10
+minutes on an idle machine, 27 at load 3-5; ``--images 500 5000`` halves it).
 What this measures is how a stage holds a shard (streaming, part files, whole tables), not
 the model. Prints stage x (peak MiB per shard size, growth per 1,000 images, ratio largest /
 smallest) and the worst ratio last.
