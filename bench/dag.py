@@ -40,21 +40,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+from hic import codebase  # noqa: E402
+
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
-# What a clone needs to run the workflow (as tests/conftest.py copies it).
-WORKFLOW_FILES = [
-    "Snakefile",
-    "config.yaml",
-    "configs",
-    "rules",
-    "scripts",
-    "schemas",
-    "envs",
-    "report",
-    "profiles",
-    "prompts",
-    "data",
-]
 SHARD = re.compile(r"(?<!\d)\d{5}(?!\d)")  # a shard name: five digits (Snakefile constraint)
 FILE_KINDS = ("input", "output", "log", "benchmark")
 URL_LIST_SCHEMA = pa.schema(
@@ -79,15 +69,7 @@ def write_url_list(path: Path, rows: int, batch: int = 1_000_000) -> None:
 
 
 def copy_workflow(dest: Path) -> Path:
-    """A clean copy of the workflow: no results/ or .snakemake/ of earlier runs in the DAG."""
-    dest.mkdir(parents=True)
-    for name in WORKFLOW_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy2(src, dest / name)
-    return dest
+    return codebase.copy_workflow(REPO, dest)
 
 
 def override(path: Path, url_list: Path, count: int | None) -> Path:

@@ -4,28 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from hic import codebase
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-WORKFLOW_FILES = [
-    "Snakefile",
-    "config.yaml",
-    "configs",
-    "rules",
-    "scripts",
-    "schemas",
-    "envs",
-    "report",
-    "profiles",
-    "prompts",
-    "data",
-]
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -79,14 +67,7 @@ def planned_jobs(cwd: Path, *args: str) -> dict[str, int]:
 
 
 def copy_workflow(dest: Path) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in WORKFLOW_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy2(src, dest / name)
-    return dest
+    return codebase.copy_workflow(REPO, dest)
 
 
 @pytest.fixture

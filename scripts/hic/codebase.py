@@ -1,11 +1,13 @@
-"""What a stage's script imports: its library modules and third-party packages.
+"""What the workflow's code is: the files a copy of it needs, and what each script imports.
 
-Used by the workflow (library modules are rule inputs, so editing one re-runs its stages) and
-by the test that every stage's conda env provides the packages its code imports."""
+Used by the workflow (library modules are rule inputs, so editing one re-runs its stages), by
+the test that every stage's conda env provides the packages its code imports, and by the tests
+and benchmarks that run the workflow in a fresh copy."""
 
 from __future__ import annotations
 
 import ast
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,3 +37,31 @@ def imports(script: Path) -> tuple[list[Path], set[str]]:
                     seen.add(module)
                     todo.append(module)
     return sorted(seen), external
+
+
+#: What a copy of the workflow needs to run: no results/ or .snakemake/ of earlier runs.
+WORKFLOW_FILES = (
+    "Snakefile",
+    "config.yaml",
+    "configs",
+    "rules",
+    "scripts",
+    "schemas",
+    "envs",
+    "report",
+    "profiles",
+    "prompts",
+    "data",
+)
+
+
+def copy_workflow(repo: Path, dest: Path) -> Path:
+    """Copy the workflow in ``repo`` to ``dest`` (created if needed); returns ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in WORKFLOW_FILES:
+        src = repo / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+    return dest
