@@ -1,4 +1,3 @@
-import time
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +8,14 @@ from segment_anything.modeling import Sam
 
 from conftest import file_digests
 from hic.models import ModelRef, ModelUnavailableError
-from hic.segment import TINY_SAM_CONFIG, background_masks, box_masks, build_tiny_sam, load_sam
+from hic.segment import (
+    TINY_SAM_CONFIG,
+    EncodeOnce,
+    background_masks,
+    box_masks,
+    build_tiny_sam,
+    load_sam,
+)
 
 # Non-square and smaller than the tiny model's input, so resizing back to image pixels matters.
 WIDTH, HEIGHT = 96, 72
@@ -74,7 +80,7 @@ def test_unavailable_model_names_the_reference_and_the_fixes(ref, tmp_path, monk
 
 
 def test_box_masks_give_tight_boxes_in_image_pixels(sam, image):
-    results = box_masks(sam, image, BOXES)
+    results = box_masks(EncodeOnce(sam), image, BOXES)
     assert len(results) == len(BOXES)
     for (x, y, w, h), area in results:
         assert 0 <= x and 0 <= y and w > 0 and h > 0
@@ -82,11 +88,13 @@ def test_box_masks_give_tight_boxes_in_image_pixels(sam, image):
         assert 0 <= area <= WIDTH * HEIGHT
         # A mask's pixels fit in its tight box; only an empty mask falls back to the prompt box.
         assert area <= w * h
-    assert box_masks(sam, image, []) == []
+    assert box_masks(EncodeOnce(sam), image, []) == []
 
 
 def test_background_masks_are_large_uncovered_and_largest_first(sam, image):
-    found = background_masks(sam, image, min_area_fraction=0.05, covered=[], **NO_QUALITY_FILTER)
+    found = background_masks(
+        EncodeOnce(sam), image, min_area_fraction=0.05, covered=[], **NO_QUALITY_FILTER
+    )
     assert found
     areas = [area for _, area in found]
     assert areas == sorted(areas, reverse=True)
@@ -97,16 +105,31 @@ def test_background_masks_are_large_uncovered_and_largest_first(sam, image):
 
 def test_background_masks_skip_masks_inside_the_object_boxes(sam, image):
     kwargs = {**NO_QUALITY_FILTER, "min_area_fraction": 0.0}
-    uncovered = background_masks(sam, image, covered=[], **kwargs)
-    some = background_masks(sam, image, covered=BOXES[:1], **kwargs)
+    uncovered = background_masks(EncodeOnce(sam), image, covered=[], **kwargs)
+    some = background_masks(EncodeOnce(sam), image, covered=BOXES[:1], **kwargs)
     assert set(map(str, some)) <= set(map(str, uncovered))
     everything = [[0.0, 0.0, float(WIDTH), float(HEIGHT)]]
-    assert background_masks(sam, image, covered=everything, **kwargs) == []
+    assert background_masks(EncodeOnce(sam), image, covered=everything, **kwargs) == []
 
 
-def test_set_image_time(sam, image):
-    predictor = SamPredictor(sam)
-    predictor.set_image(image)  # the first call pays one-off kernel set-up
-    start = time.perf_counter()
-    predictor.set_image(image)
-    print(f"tiny SAM set_image on {WIDTH}x{HEIGHT}: {time.perf_counter() - start:.4f} s")
+def _count_encodings(sam: Sam) -> list[int]:
+    calls = [0]
+    sam.image_encoder.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_box_prompts_and_automatic_masks_share_one_encoding(tiny_dir, image):
+    sam = load_sam(ModelRef(str(tiny_dir)), device="cpu")
+    calls = _count_encodings(sam)
+    predictor = EncodeOnce(sam)
+    boxes = box_masks(predictor, image, BOXES)
+    kwargs = {**NO_QUALITY_FILTER, "min_area_fraction": 0.05, "covered": []}
+    background = background_masks(predictor, image.copy(), **kwargs)
+    assert calls[0] == 1
+    # The same answers as predictors that encode the image themselves.
+    assert boxes == box_masks(EncodeOnce(sam), image, BOXES)
+    plain = SamPredictor(sam)
+    assert background == background_masks(plain, image, **kwargs)
+    # Another image is encoded anew, and its masks are its own.
+    other = image[::-1].copy()
+    assert box_masks(predictor, other, BOXES) == box_masks(EncodeOnce(sam), other, BOXES)

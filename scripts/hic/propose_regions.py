@@ -169,13 +169,14 @@ def image_proposals(
     settings: ProposeSettings,
 ) -> list[dict]:
     """Detector boxes → SAM-tightened foreground boxes, detected and SAM-found backgrounds."""
-    from hic.segment import background_masks, box_masks
+    from hic.segment import EncodeOnce, background_masks, box_masks
 
     pixels = np.asarray(image)
+    predictor = EncodeOnce(sam)  # box prompts and automatic masks share one encoding
     things = [d for d in detections if d["label"] not in stuff]
     backgrounds = [d for d in detections if d["label"] in stuff]
     proposals = []
-    masks = box_masks(sam, pixels, [d["bbox"] for d in things]) if things else []
+    masks = box_masks(predictor, pixels, [d["bbox"] for d in things]) if things else []
     for d, (tight, area) in zip(things, masks, strict=True):
         proposals.append(
             {
@@ -190,7 +191,7 @@ def image_proposals(
         proposals.append({**d, "mask_area": None, "kind": "background", "source": "detector"})
     auto = (
         background_masks(
-            sam,
+            predictor,
             pixels,
             points_per_side=settings.points_per_side,
             pred_iou_thresh=settings.pred_iou_thresh,

@@ -164,15 +164,40 @@ def _mask_box(mask: np.ndarray) -> Box | None:
     return [float(x0), float(y0), float(cols[-1] + 1 - x0), float(rows[-1] + 1 - y0)]
 
 
-def box_masks(sam: Sam, image: np.ndarray, boxes: list[Box]) -> list[tuple[Box, int]]:
+class EncodeOnce(SamPredictor):
+    """A ``SamPredictor`` that encodes each distinct image once.
+
+    ``SamAutomaticMaskGenerator`` sets, and afterwards resets, the image it is given. With this
+    predictor, an image already encoded for the box prompts is not encoded a second time for
+    the automatic masks: the image encoder is nearly all of SAM's cost per image.
+    """
+
+    def __init__(self, sam: Sam) -> None:
+        self._pixels: np.ndarray | None = None
+        super().__init__(sam)
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        same = self._pixels is not None and self._pixels.shape == image.shape
+        if same and np.array_equal(self._pixels, image):
+            return
+        super().set_image(image, image_format)
+        self._pixels = image.copy()  # a copy: the caller may reuse its buffer
+
+    def reset_image(self) -> None:
+        # Keep the encoding until another image is set (only __init__ resets for real).
+        if self._pixels is None:
+            super().reset_image()
+
+
+def box_masks(predictor: EncodeOnce, image: np.ndarray, boxes: list[Box]) -> list[tuple[Box, int]]:
     """Per [x, y, w, h] box prompt: the tight box of SAM's mask and the mask's pixel area.
 
     ``image`` is H x W x 3 uint8 RGB; boxes and results are in its pixels. The image is
-    encoded once and all boxes are decoded in one batch.
+    encoded once (or not at all, when ``predictor`` holds it already) and all boxes are
+    decoded in one batch.
     """
     if not boxes:
         return []
-    predictor = SamPredictor(sam)
     predictor.set_image(image)
     xywh = torch.as_tensor(boxes, dtype=torch.float, device=predictor.device)
     xyxy = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
@@ -197,7 +222,7 @@ def _boxes_mask(boxes: list[Box], height: int, width: int) -> np.ndarray:
 
 
 def background_masks(
-    sam: Sam,
+    predictor: EncodeOnce,
     image: np.ndarray,
     *,
     points_per_side: int,
@@ -216,12 +241,13 @@ def background_masks(
     """
     height, width = image.shape[:2]
     generator = SamAutomaticMaskGenerator(
-        sam,
+        predictor.model,
         points_per_side=points_per_side,
         pred_iou_thresh=pred_iou_thresh,
         stability_score_thresh=stability_score_thresh,
         output_mode="binary_mask",
     )
+    generator.predictor = predictor  # reuse the box prompts' encoding of this image
     objects = _boxes_mask(covered, height, width)
     kept = []
     for record in generator.generate(image):
