@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 
 from hic.provenance import from_job
 from hic.runlog import to_log
-from hic.train_clip import TrainSettings, train
+from hic.train_clip import TrainSettings, input_identity, train
 
 log = to_log(snakemake.log[0])
 inp, out = snakemake.input, snakemake.output
@@ -27,9 +27,12 @@ summary = train(
     sizes,
     work,
     TrainSettings(**snakemake.params.settings),
+    data_id=input_identity([*inp.tars, *inp.status, *inp.annotations, *inp.code]),
 )
 shutil.copy(work / "metrics.jsonl", out.metrics)
 shutil.copy(work / "params.txt", out.params)
 os.replace(work / "model.pt", out.model)
+# Finished: the checkpoint has served its purpose; a later re-run must train anew.
+shutil.rmtree(work)
 Path(out.provenance).write_text(json.dumps(from_job(snakemake), indent=2, sort_keys=True) + "\n")
 log.info("run %s: %s", snakemake.wildcards.run, summary)

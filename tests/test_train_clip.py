@@ -1,5 +1,6 @@
 import io
 import json
+import os
 import random
 import tarfile
 
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from hic.demo_world import REFERENCE_SCHEMA
-from hic.train_clip import TrainSettings, caption_for, crop_to, train
+from hic.train_clip import TrainSettings, caption_for, crop_to, input_identity, train
 
 COLOURS = ["red", "green", "blue", "yellow"]
 
@@ -77,7 +78,7 @@ def test_resumed_training_matches_an_uninterrupted_run(data, tmp_path):
 
     part = train(tars, annotations, sizes, tmp_path / "resumed", SETTINGS, max_steps=3)
     assert part["steps"] == 3 and not (tmp_path / "resumed/model.pt").exists()
-    train(tars, annotations, sizes, tmp_path / "resumed", SETTINGS)  # restarts at step 2
+    train(tars, annotations, sizes, tmp_path / "resumed", SETTINGS)  # resumes at step 3
 
     a = torch.load(tmp_path / "whole/model.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "resumed/model.pt", weights_only=False)["model"]
@@ -86,6 +87,34 @@ def test_resumed_training_matches_an_uninterrupted_run(data, tmp_path):
     assert [(m["step"], m["loss"]) for m in metrics(tmp_path / "resumed")] == losses
     params = (tmp_path / "whole/params.txt").read_text()
     assert "policy: hierarchical" in params and "seed: 3" in params
+
+
+def test_a_checkpoint_of_other_data_is_not_resumed(data, tmp_path):
+    tars, annotations, sizes = data
+    fresh = train(tars, annotations, sizes, tmp_path / "fresh", SETTINGS, data_id="new")
+    # A killed job trained on other captions; then its annotations were rebuilt.
+    old = pq.read_table(annotations[0]).to_pylist()
+    for row in old:
+        row["long_caption"] = row["short_caption"] = "An old caption of a picture."
+    old_file = tmp_path / "old.parquet"
+    pq.write_table(pa.Table.from_pylist(old, schema=REFERENCE_SCHEMA), old_file)
+    train(tars, [old_file], sizes, tmp_path / "stale", SETTINGS, data_id="old", max_steps=3)
+    again = train(tars, annotations, sizes, tmp_path / "stale", SETTINGS, data_id="new")
+    assert again == fresh
+    a = torch.load(tmp_path / "fresh/model.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "stale/model.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [m["step"] for m in metrics(tmp_path / "stale")]
+    assert steps == list(range(1, 7))
+
+
+def test_input_identity_changes_when_an_input_is_rewritten(tmp_path):
+    path = tmp_path / "a.parquet"
+    path.write_bytes(b"one")
+    before = input_identity([path])
+    assert input_identity([path]) == before
+    os.utime(path, ns=(0, 0))
+    assert input_identity([path]) != before
 
 
 def test_too_little_data_is_explained(data, tmp_path):

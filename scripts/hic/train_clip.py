@@ -184,11 +184,15 @@ def train(
     out_dir: Path,
     settings: TrainSettings,
     *,
+    data_id: str = "",
     max_steps: int | None = None,
 ) -> dict:
     """Train (or resume) one run into ``out_dir``: model.pt, metrics.jsonl, params.txt.
 
-    ``max_steps`` stops early (tests use it to simulate a killed job)."""
+    A checkpoint in ``out_dir`` is resumed only when it was written under the same settings
+    and the same ``data_id`` (``input_identity`` of the job's inputs): a job re-run because
+    its data or code changed starts from step 0. ``max_steps`` stops early (tests use it to
+    simulate a killed job)."""
     torch.manual_seed(settings.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, train_tf, _, tokenizer = create_long_clip(
@@ -216,7 +220,7 @@ def train(
         "".join(f"{k}: {v}\n" for k, v in sorted(asdict(settings).items()))
     )
     checkpoint, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
-    fingerprint = json.dumps(asdict(settings), sort_keys=True)
+    fingerprint = json.dumps({"settings": asdict(settings), "data": data_id}, sort_keys=True)
     step = 0
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
@@ -226,6 +230,8 @@ def train(
             torch.set_rng_state(state["rng"])  # the augmentations continue where they were
             step = state["step"]
             log.info("resuming at step %d of %d", step, total)
+        else:
+            log.info("%s is of other settings or data: training from step 0", checkpoint)
     _truncate_metrics(metrics_path, step)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
     model.train()
@@ -283,6 +289,13 @@ def train(
             out_dir / "model.pt",
         )
     return {"steps": step, "total_steps": total, "steps_per_epoch": per_epoch}
+
+
+def input_identity(paths: list[Path]) -> str:
+    """Path, size and modification time of every input, hashed: it changes when Snakemake
+    rewrites an input, and costs no read of the (at paper scale, terabytes of) data."""
+    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(map(Path, paths))]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
 def _save(path: Path, model, optimizer, step: int, fingerprint: str) -> None:
