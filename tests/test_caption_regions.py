@@ -41,3 +41,7 @@ def test_captions_are_shaped_and_garbage_is_unparsed():
 def test_shape_caption():
     assert shape_caption("tree. Tall and green.", "tree") == "tree. Tall and green."
     assert shape_caption("Tall and green", "tree") == "Tree. Tall and green."
+    # The label opens the caption only when a separator follows it as a word.
+    assert shape_caption("Doghouse in the garden", "dog") == "Dog. Doghouse in the garden."
+    assert shape_caption("Dog lying on grass", "dog") == "Dog. Dog lying on grass."
+    assert shape_caption("Dog: a brown dog", "dog") == "Dog: a brown dog."

@@ -112,6 +112,19 @@ def test_remove_box_phrases_keeps_grammar(text, expected):
 
 
 @pytest.mark.parametrize(
+    "text",
+    [
+        "A toy the dog likes to play with.",
+        "A cat, sitting; and, then: (quietly) ...",
+        "Borderline art on a wall, bordered by flowers and garden borders.",
+    ],
+)
+def test_sentences_without_a_box_phrase_are_kept_verbatim(text):
+    assert remove_box_phrases(text) == text
+    assert remove_box_phrases(f"It is in the red border. {text}").endswith(f". {text}")
+
+
+@pytest.mark.parametrize(
     "text", ["Red bounding box.", "A red border surrounds it.", "The border is thin.", "  "]
 )
 def test_caption_only_about_the_box_becomes_empty(text):
@@ -200,6 +213,8 @@ def test_parse_refined_accepts_a_more_specific_label():
         ),
         ('{"label": "dog", "caption": "## 12 %% 7 a"}', "caption is not text (1/8 letters)"),
         ('{"label": "cat", "caption": "A dog."}', "label 'cat' does not name 'dog'"),
+        ('{"label": "dog", "caption": "Dog. A brown dog."}', "caption still opens with its label"),
+        ('{"label": "dog", "caption": "A \\u001b dog."}', "caption is not text (1 control"),
     ],
 )
 def test_parse_refined_rejects_with_a_reason(output, reason):

@@ -1,6 +1,7 @@
 import pyarrow as pa
+import pytest
 
-from hic.text import word_counts
+from hic.text import text_problem, word_counts
 
 
 def test_word_counts_handles_blank_null_and_runs_of_whitespace():
@@ -12,3 +13,18 @@ def test_word_counts_handles_blank_null_and_runs_of_whitespace():
 def test_word_counts_on_chunked_arrays():
     chunked = pa.chunked_array([["a b"], ["c d e", None]])
     assert word_counts(chunked).to_pylist() == [2, 3, 0]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("A brown dog lies on the grass.", None),
+        ("Line one.\nLine two,\tindented.", None),
+        ("A dog \x1b[0m on grass.", "not text (1 control characters)"),
+        ("A dog\x06 on\x08 grass.", "not text (2 control characters)"),
+        ("A dog \ufffd on grass.", "not text (invalid UTF-8 bytes)"),
+        ("12 34 56 a", "not text (1/7 letters)"),
+    ],
+)
+def test_text_problem(text, problem):
+    assert text_problem(text) == problem

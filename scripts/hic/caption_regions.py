@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hic.caption_scene import batches, parse_caption
+from hic.refine_regions import split_label
 from hic.region_images import fill
 
 
@@ -25,10 +26,13 @@ class RegionCaptionSettings:
 
 
 def shape_caption(caption: str, label: str) -> str:
-    """``<Label>. <description>`` with a final full stop."""
-    head = label.strip().capitalize()
-    if not caption.lower().startswith(label.lower()):
-        caption = f"{head}. {caption}"
+    """``<Label>. <description>`` with a final full stop.
+
+    The label counts as present only as an opening that ``split_label`` separates ("Dog. A
+    brown dog", "Dog: ..."); "Doghouse in the garden" or "Dog lying on grass" get it prefixed.
+    """
+    if split_label(caption, label)[1] == caption.strip():
+        caption = f"{label.strip().capitalize()}. {caption}"
     return caption if caption.endswith((".", "!", "?")) else caption + "."
 
 

@@ -31,6 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from hic.text import text_problem
+
 log = logging.getLogger(__name__)
 
 KINDS = ("short", "long")
@@ -113,12 +115,8 @@ def parse_caption(text: str, kind: str, words: Sequence[int]) -> tuple[str | Non
     caption = clean_caption(text)
     if not caption:
         return None, f"{kind}: empty output"
-    if "\ufffd" in caption:  # bytes that decode to no character: a broken token stream
-        return None, f"{kind}: not text (invalid UTF-8 bytes)"
-    letters = sum(c.isalpha() for c in caption)
-    visible = sum(not c.isspace() for c in caption)
-    if letters < 0.6 * visible:
-        return None, f"{kind}: not text ({letters}/{visible} letters)"
+    if problem := text_problem(caption):
+        return None, f"{kind}: {problem}"
     n = len(caption.split())
     low, high = words
     if kind == "short" and n > high:

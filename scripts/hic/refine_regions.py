@@ -29,6 +29,8 @@ from __future__ import annotations
 import json
 import re
 
+from hic.text import text_problem
+
 #: The paper's phrases, most specific first so a match names the longest one.
 BOX_PHRASES: tuple[str, ...] = (
     "within the green bounding box",
@@ -115,6 +117,8 @@ def _tidy(text: str) -> str:
 
 
 def _clean_sentence(sentence: str) -> str:
+    if not _ANY_CORE.search(sentence):
+        return sentence  # nothing to remove: the sentence is kept exactly as written
     if framed := _BOX_FRAMES.match(sentence):
         rest = framed["rest"]
         sentence = "" if _PRONOUN.match(rest) else rest
@@ -179,12 +183,12 @@ def _problem(refined: dict, label: str) -> str | None:
     caption = refined["caption"]
     if phrase := contains_box_phrase(caption):
         return f"caption still contains {phrase!r}"
-    letters = sum(c.isalpha() for c in caption)
-    visible = sum(not c.isspace() for c in caption)
-    if letters < 0.6 * visible:
-        return f"caption is not text ({letters}/{visible} letters)"
+    if problem := text_problem(caption):
+        return f"caption is {problem}"
     if not _names_label(refined["label"], label):
         return f"label {refined['label'].strip()!r} does not name {label!r}"
+    if split_label(caption, label)[1] != caption.strip():
+        return "caption still opens with its label"
     return None
 
 

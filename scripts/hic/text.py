@@ -1,6 +1,9 @@
-"""Text measures computed once per row upstream, so global statistics only aggregate."""
+"""Text checks shared by the caption stages, and measures computed once per row upstream so
+global statistics only aggregate."""
 
 from __future__ import annotations
+
+import unicodedata
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -12,3 +15,19 @@ def word_counts(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
     counts = pc.list_value_length(pc.split_pattern_regex(trimmed, r"\s+"))
     blank = pc.equal(pc.utf8_length(trimmed), 0)
     return pc.if_else(blank, 0, counts).cast(pa.int32())
+
+
+def text_problem(text: str) -> str | None:
+    """Why ``text`` does not read as prose, or None: invalid UTF-8 bytes (U+FFFD), control
+    characters (a random model emits them; a release caption must not hold them), or fewer
+    than 60% letters among the visible characters."""
+    if "\ufffd" in text:  # bytes that decode to no character: a broken token stream
+        return "not text (invalid UTF-8 bytes)"
+    controls = sum(unicodedata.category(c) == "Cc" and c not in "\t\n\r" for c in text)
+    if controls:
+        return f"not text ({controls} control characters)"
+    letters = sum(c.isalpha() for c in text)
+    visible = sum(not c.isspace() for c in text)
+    if letters < 0.6 * visible:
+        return f"not text ({letters}/{visible} letters)"
+    return None
