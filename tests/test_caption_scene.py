@@ -130,6 +130,9 @@ def test_undecodable_image_in_tar_fails_that_row_only(tmp_path):
         ),  # ran on: first sentence kept
         ("12 34 56 78 90 12 34 56", "long", None),
         ("A dog \ufffdon a sofa.", "short", None),  # what a broken byte-level BPE stream decodes to
+        ("Sure.\nA dog on a sofa.", "short", "A dog on a sofa."),
+        ("Here's a dog on a sofa.\nIt sleeps.", "short", "Here's a dog on a sofa. It sleeps."),
+        ("Here is the caption you asked for: A dog on a sofa.", "short", "A dog on a sofa."),
     ],
 )
 def test_parse_caption(text, kind, expected):
@@ -223,3 +226,66 @@ def test_parts_of_another_configuration_are_discarded(tmp_path):
     first = pq.read_table(out).to_pylist()[0]
     assert first["short_caption"] == "A red ball on grass."
     assert backend.calls == [4, 4]
+
+
+def test_truncated_manifest_discards_the_parts_instead_of_failing(tmp_path):
+    tar, status = make_shard(tmp_path / "in", 3, failed=0)
+    out = tmp_path / "scene.parquet"
+    stale = tmp_path / "scene.parquet.parts"
+    stale.mkdir()
+    (stale / "manifest.json").write_text('{"fingerpr')  # a kill while it was written
+    backend = Scripted(good_answer)
+    caption_shard(tar, status, out, PROMPTS, CaptionSettings(batch_size=4), backend, MODEL)
+    assert [r["status"] for r in pq.read_table(out).to_pylist()] == ["ok"] * 3
+
+
+def test_parts_of_other_images_or_parsing_are_discarded(tmp_path):
+    tar, status = make_shard(tmp_path / "in", 4, failed=0)
+    out = tmp_path / "scene.parquet"
+    parts = tmp_path / "scene.parquet.parts"
+
+    class Killed(Scripted):
+        def generate(self, images, prompts, max_new_tokens):
+            if len(self.calls) == 2:  # the first batch is flushed, then the job dies
+                raise KeyboardInterrupt
+            return super().generate(images, prompts, max_new_tokens)
+
+    settings = CaptionSettings(batch_size=2, flush_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        caption_shard(tar, status, out, PROMPTS, settings, Killed(good_answer), MODEL)
+    assert len(list(parts.glob("part-*.parquet"))) == 1
+    # The shard is downloaded again with the same keys (new bytes), and the words range changes.
+    os.utime(tar, ns=(1, 1))
+    backend = Scripted(good_answer)
+    wider = CaptionSettings(batch_size=2, flush_every=1, words={"short": [1, 40], "long": [1, 500]})
+    summary = caption_shard(tar, status, out, PROMPTS, wider, backend, MODEL)
+    assert summary["resumed_rows"] == 0 and backend.calls == [2, 2, 2, 2]
+
+
+class Picky(Scripted):
+    """Like Qwen2-VL's processor with a panorama: an image wider than 34 px is refused."""
+
+    def generate(self, images, prompts, max_new_tokens):
+        if any(image.width > 34 for image in images):
+            raise ValueError("absolute aspect ratio must be smaller than 200")
+        return super().generate(images, prompts, max_new_tokens)
+
+
+def test_an_image_the_model_refuses_fails_alone(tmp_path):
+    table, summary = run(tmp_path, Picky(good_answer), n=5, failed=0)
+    rows = table.to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "failed", "failed"]
+    assert rows[3]["reason"] == (
+        "generation failed: ValueError: absolute aspect ratio must be smaller than 200"
+    )
+    assert summary["status"] == {"ok": 3, "unparsed": 0, "failed": 2}
+
+
+def test_a_model_that_fails_every_image_stops_the_job(tmp_path):
+    class Broken(Scripted):
+        def generate(self, images, prompts, max_new_tokens):
+            raise RuntimeError("CUDA error: device-side assert triggered")
+
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        run(tmp_path, Broken(good_answer), n=4, failed=0)
+    assert not (tmp_path / "scene.parquet").exists()

@@ -93,10 +93,11 @@ def prompt_hash(prompts: dict[str, str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-# Prefaces chatty models put before the caption, and markdown they wrap it in.
+# Prefaces chatty models put before the caption, and markdown they wrap it in. "Here is/'s"
+# counts only with a short run-up to a colon: "Here's a cosy room..." is the caption itself.
 _PREFACE = re.compile(
-    r"^(sure|certainly|here is|here's)[^\n:]*[:\n]\s*|^(short |long |dense )?(caption|description)"
-    r"\s*:\s*",
+    r"^(?:(?:sure|certainly|of course)\s*[!.,]\s*|(?:here is|here's)[^\n:]{0,60}:\s*"
+    r"|(?:short |long |dense )?(?:caption|description)\s*:\s*)",
     re.IGNORECASE,
 )
 _MARKDOWN = re.compile(r"[*#_`]+")
@@ -163,14 +164,15 @@ class PartStore:
     def __init__(self, folder: Path, fingerprint: str):
         self.folder = folder
         manifest = folder / "manifest.json"
-        if folder.exists() and (
-            not manifest.exists()
-            or json.loads(manifest.read_text()) != {"fingerprint": fingerprint}
-        ):
+        wanted = json.dumps({"fingerprint": fingerprint})
+        if folder.exists() and _read_text(manifest) != wanted:
             log.info("discarding parts of another configuration in %s", folder)
             shutil.rmtree(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        manifest.write_text(json.dumps({"fingerprint": fingerprint}))
+        if not manifest.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = manifest.with_suffix(".tmp")
+            tmp.write_text(wanted)
+            os.replace(tmp, manifest)  # a kill leaves the manifest whole or absent
 
     def parts(self) -> list[Path]:
         return sorted(self.folder.glob("part-*.parquet"))
@@ -184,6 +186,10 @@ class PartStore:
         tmp = path.with_suffix(".tmp")
         pq.write_table(pa.Table.from_pylist(rows, schema=SCENE_SCHEMA), tmp)
         os.replace(tmp, path)  # a killed job leaves a whole part or none
+
+
+def _read_text(path: Path) -> str | None:
+    return path.read_text() if path.exists() else None
 
 
 def _row(key: str, provenance: dict, **values) -> dict:
@@ -228,6 +234,38 @@ def caption_batch(
     return rows
 
 
+def caption_or_isolate(
+    backend: Backend,
+    batch: list[tuple[str, Image.Image]],
+    prompts: dict[str, str],
+    settings: CaptionSettings,
+    provenance: dict,
+) -> list[dict]:
+    """``caption_batch``, but an image the model cannot take fails alone, not its batch.
+
+    Processors reject some images outright (Qwen2-VL's resize refuses aspect ratios over 200,
+    a huge image can run out of memory): the batch is retried image by image and an image
+    that fails alone gets a ``failed`` row with the error. When every image of a batch fails
+    alone, the fault is not in the images and the error is raised.
+    """
+    try:
+        return caption_batch(backend, batch, prompts, settings, provenance)
+    except (ValueError, RuntimeError) as err:
+        if len(batch) == 1:
+            log.warning("image %s: generation failed: %s", batch[0][0], err)
+            reason = f"generation failed: {type(err).__name__}: {err}"
+            return [_row(batch[0][0], provenance, status="failed", reason=reason)]
+        log.warning("a batch of %d failed (%s): captioning its images one by one", len(batch), err)
+        rows = [
+            row
+            for item in batch
+            for row in caption_or_isolate(backend, [item], prompts, settings, provenance)
+        ]
+        if all(r["reason"] and r["reason"].startswith("generation failed") for r in rows):
+            raise err
+        return rows
+
+
 def caption_shard(
     tar: Path,
     status: Path,
@@ -248,8 +286,19 @@ def caption_shard(
         "prompt_hash": prompt_hash(prompts),
         "generation": settings.generation(),
     }
+    # Flushed rows are reused only for the same images (the tar's bytes: a re-download may
+    # keep its keys), the same model, prompts and generation, and the same parsing.
+    tar_stat = tar.stat()
     fingerprint = hashlib.sha256(
-        json.dumps([provenance, [d["key"] for d in downloads]]).encode()
+        json.dumps(
+            [
+                provenance,
+                settings.words,
+                settings.backend,
+                [tar_stat.st_size, tar_stat.st_mtime_ns],
+                [d["key"] for d in downloads],
+            ]
+        ).encode()
     ).hexdigest()
     store = PartStore(out.with_name(out.name + ".parts"), fingerprint)
     done = set(store.read().column("key").to_pylist())
@@ -268,7 +317,7 @@ def caption_shard(
         ]
         if good:
             t0 = time.perf_counter()
-            pending += caption_batch(backend, good, prompts, settings, provenance)
+            pending += caption_or_isolate(backend, good, prompts, settings, provenance)
             model_seconds += time.perf_counter() - t0
         n_batches += 1
         if n_batches % settings.flush_every == 0:
