@@ -7,8 +7,10 @@ prefill of the image per image, which vLLM's prefix cache mostly absorbs.
 
 Resumable inside a shard: finished rows are flushed every ``flush_every`` batches to
 ``<out>.parts/part-NNNNN.parquet`` (atomic rename). A restarted job keeps the parts written
-under the same fingerprint (model, prompts, settings, input keys), captions only the rest,
-and the final parquet is assembled from the parts: no row is lost or captioned twice.
+under the same fingerprint (model, prompts, generation and parsing settings, backend, the
+tar's size and mtime, input keys), captions only the rest, and the final parquet is assembled
+from the parts: no row is lost or captioned twice. An image the model refuses (an extreme
+aspect ratio, memory) fails alone with the error as its reason.
 """
 
 from __future__ import annotations
