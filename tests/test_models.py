@@ -1,8 +1,10 @@
+import re
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from transformers import (
     AutoModelForImageTextToText,
@@ -10,7 +12,7 @@ from transformers import (
     AutoProcessor,
 )
 
-from conftest import file_digests
+from conftest import REPO, file_digests
 from hic import models
 from hic.models import ModelRef, ModelUnavailableError
 
@@ -203,3 +205,14 @@ def test_tiny_owlv2_detects_and_post_processes(owlv2_dir, tmp_path):
     assert set(result["text_labels"]) <= {"a red car", "a dog"}
     models.build_tiny_owlv2(tmp_path / "again", seed=0)
     assert file_digests(tmp_path / "again") == file_digests(owlv2_dir)
+
+
+def test_paper_config_pins_every_hub_model():
+    """A paper run must load the same weights next year: a 40-hex commit per hub model, or
+    (SAM, published by URL) a checkpoint whose name carries the MD5 prefix load_sam checks."""
+    models_section = yaml.safe_load((REPO / "configs/paper.yaml").read_text())["models"]
+    assert set(models_section) == {"vlm", "detector", "sam"}
+    for name, spec in models_section.items():
+        pinned = re.fullmatch(r"[0-9a-f]{40}", str(spec.get("revision")))
+        checked = re.search(r"_[0-9a-f]{6}\.pth$", spec.get("checkpoint", ""))
+        assert pinned or checked, f"models.{name} ({spec['id']}) is not pinned"

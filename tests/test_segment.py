@@ -1,3 +1,4 @@
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,20 @@ def test_unavailable_model_names_the_reference_and_the_fixes(ref, tmp_path, monk
     assert f"hf download {ref.id} sam_vit_b_01ec64.pth --revision {ref.revision or 'main'}" in (
         message
     )
+
+
+def test_a_hub_checkpoint_must_match_the_md5_in_its_name(tiny_dir, tmp_path, monkeypatch):
+    weights = tiny_dir / "sam.pth"
+    prefix = hashlib.md5(weights.read_bytes()).hexdigest()[:6]
+    monkeypatch.setattr("hic.segment.hf_hub_download", lambda repo, name, revision: weights)
+    # The tiny weights under a name carrying their own MD5 prefix pass the check (and then
+    # fail to load into ViT-B: another error, about the state dict, not the file's identity).
+    with pytest.raises(RuntimeError, match="state_dict"):
+        load_sam(ModelRef("org/sam"), checkpoint=f"sam_vit_b_{prefix}.pth", device="cpu")
+    with pytest.raises(
+        ModelUnavailableError, match=f"its MD5 starts {prefix}, the name says 01ec64"
+    ):
+        load_sam(ModelRef("org/sam"), checkpoint="sam_vit_b_01ec64.pth", device="cpu")
 
 
 def test_box_masks_give_tight_boxes_in_image_pixels(sam, image):

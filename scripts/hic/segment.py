@@ -8,7 +8,9 @@ path, so prompting, batching and mask post-processing run the code real weights 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from functools import partial
 from pathlib import Path
 
@@ -123,6 +125,24 @@ def _unavailable(ref: ModelRef, checkpoint: str, why: Exception) -> ModelUnavail
     )
 
 
+def check_checkpoint(path: Path, name: str) -> None:
+    """Meta names each SAM checkpoint after the start of its MD5 (``sam_vit_b_01ec64.pth``):
+    a file from a hub mirror must match it, whatever revision the mirror is at."""
+    expected = re.search(r"_([0-9a-f]{6})\.pth$", name)
+    if expected is None:
+        return
+    md5 = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            md5.update(chunk)
+    if not md5.hexdigest().startswith(expected[1]):
+        raise ModelUnavailableError(
+            f"{path} is not Meta's {name}: its MD5 starts {md5.hexdigest()[:6]}, the name says "
+            f"{expected[1]}. The mirror holds another file under that name; use one that "
+            "holds the original checkpoint, or a local folder."
+        )
+
+
 def load_sam(
     ref: ModelRef,
     *,
@@ -145,6 +165,7 @@ def load_sam(
             weights = folder / WEIGHTS_NAME
         else:
             weights = Path(hf_hub_download(ref.id, checkpoint, revision=ref.revision))
+            check_checkpoint(weights, checkpoint)
             sam = sam_model_registry[variant]()
         # The released checkpoints are plain state dicts, so the safe loader suffices.
         state = torch.load(weights, map_location="cpu", weights_only=True)
