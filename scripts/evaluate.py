@@ -1,6 +1,8 @@
 import json
 from pathlib import Path
 
+import torch
+
 from hic.benchmarks import load_benchmark, load_imagefolder
 from hic.evaluate_clip import evaluate_classification, evaluate_retrieval, load_run
 from hic.provenance import from_job
@@ -8,7 +10,8 @@ from hic.runlog import to_log
 
 log = to_log(snakemake.log[0])
 spec, name = dict(snakemake.params.spec), snakemake.wildcards.benchmark
-model, transform, tokenizer, settings = load_run(Path(snakemake.input.model))
+device = "cuda" if torch.cuda.is_available() else "cpu"  # the rule asks for a GPU
+model, transform, tokenizer, settings = load_run(Path(snakemake.input.model), device)
 if spec.pop("task") == "retrieval":
     data = load_benchmark(name, spec)
     result = (

@@ -11,7 +11,14 @@ import torch
 from PIL import Image
 
 from hic.demo_world import REFERENCE_SCHEMA
-from hic.train_clip import TrainSettings, caption_for, crop_to, input_identity, train
+from hic.train_clip import (
+    TrainSettings,
+    caption_for,
+    crop_to,
+    input_identity,
+    param_groups,
+    train,
+)
 
 COLOURS = ["red", "green", "blue", "yellow"]
 
@@ -74,7 +81,13 @@ def metrics(folder):
 def test_resumed_training_matches_an_uninterrupted_run(data, tmp_path):
     tars, annotations, sizes = data
     whole = train(tars, annotations, sizes, tmp_path / "whole", SETTINGS)
-    assert whole == {"steps": 6, "total_steps": 6, "steps_per_epoch": 3}
+    assert whole == {
+        "steps": 6,
+        "total_steps": 6,
+        "steps_per_epoch": 3,
+        "samples_per_epoch": 12,
+        "left_out": {},
+    }
 
     part = train(tars, annotations, sizes, tmp_path / "resumed", SETTINGS, max_steps=3)
     assert part["steps"] == 3 and not (tmp_path / "resumed/model.pt").exists()
@@ -122,6 +135,11 @@ def test_too_little_data_is_explained(data, tmp_path):
     big = TrainSettings(**{**SETTINGS.__dict__, "batch_size": 64})
     with pytest.raises(ValueError, match="no full batch of 64"):
         train(tars, annotations, sizes, tmp_path, big)
+    # Images with no annotation are counted as left out, and the error says so.
+    two = pq.read_table(annotations[0]).slice(0, 2)
+    pq.write_table(two, tmp_path / "two.parquet")
+    with pytest.raises(ValueError, match=r"2 samples; left out: \{'no annotation': 10\}"):
+        train(tars, [tmp_path / "two.parquet"], sizes, tmp_path / "two", SETTINGS)
 
 
 RECORD = {
@@ -145,6 +163,23 @@ def test_caption_policies():
     assert caption_for("hierarchical", "", RECORD, rng, only_long) == ("long", None)
     bare = {"short_caption": None, "long_caption": None, "regions": []}
     assert caption_for("hierarchical", "", bare, rng, mix) == (None, None)
+
+
+def test_mix_lists_weights_and_an_unlisted_kind_weighs_zero():
+    assert TrainSettings(mix={"long": 2}).mix == {"short": 0.0, "long": 2.0, "region": 0.0}
+    for bad in ({"long": 0}, {"short": -1, "long": 2}, {"regions": 1}):
+        with pytest.raises(ValueError, match="must give non-negative weights"):
+            TrainSettings(mix=bad)
+
+
+def test_no_weight_decay_on_gains_biases_and_temperature():
+    model = torch.nn.Module()
+    model.proj = torch.nn.Linear(4, 4)
+    model.ln_final = torch.nn.LayerNorm(4)
+    model.logit_scale = torch.nn.Parameter(torch.ones([]))
+    free, decayed = param_groups(model, 0.2)
+    assert decayed["weight_decay"] == 0.2 and decayed["params"] == [model.proj.weight]
+    assert free["weight_decay"] == 0.0 and len(free["params"]) == 4
 
 
 def test_crop_to_maps_original_pixels_to_the_stored_image():

@@ -31,6 +31,7 @@ import math
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ from hic.clip_model import create_long_clip
 log = logging.getLogger(__name__)
 
 POLICIES = ("alt", "short", "long", "regions", "hierarchical")
+MIX_KINDS = ("short", "long", "region")
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,15 @@ class TrainSettings:
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ValueError(f"unknown caption policy {self.policy!r}; choose one of {POLICIES}")
+        # A kind the mix does not list has probability 0: ``mix: {long: 1}`` is long only.
+        mix = {kind: float(self.mix.get(kind, 0)) for kind in MIX_KINDS}
+        unknown = set(self.mix) - set(MIX_KINDS)
+        if unknown or min(mix.values()) < 0 or sum(mix.values()) <= 0:
+            raise ValueError(
+                f"mix {self.mix} must give non-negative weights to some of {MIX_KINDS} "
+                f"(and nothing else), with a positive sum"
+            )
+        object.__setattr__(self, "mix", mix)
 
 
 def stable_random(*parts: object) -> random.Random:
@@ -139,10 +150,13 @@ def epoch_samples(
     settings: TrainSettings,
     epoch: int,
     shuffle_buffer: int = 256,
+    skipped: Counter | None = None,
 ) -> Iterator[tuple[bytes, str, list[float] | None, tuple[int, int] | None]]:
     """(image bytes, text, region box, original size) of one epoch, in an order fixed by
     (seed, epoch). Images stay encoded here: counting an epoch, or skipping what a restarted
-    run already trained on, decodes nothing (``load_image`` decodes what a step uses)."""
+    run already trained on, decodes nothing (``load_image`` decodes what a step uses).
+    ``skipped`` counts the tar samples left out, by reason."""
+    skipped = Counter() if skipped is None else skipped
     order = list(tars)
     stable_random(settings.seed, epoch, "shards").shuffle(order)
     stream = wds.WebDataset([str(t) for t in order], shardshuffle=False, empty_check=False)
@@ -152,11 +166,13 @@ def epoch_samples(
         key = sample["__key__"]
         image_bytes = next((sample[e] for e in ("jpg", "png", "webp") if e in sample), None)
         if key not in annotations or image_bytes is None:
+            skipped["no annotation" if image_bytes is not None else "no image"] += 1
             continue
         rng = stable_random(settings.seed, epoch, key)
         alt = sample.get("txt", b"").decode("utf-8", "replace")
         text, region = caption_for(settings.policy, alt, annotations[key], rng, settings.mix)
         if not text:
+            skipped[f"no caption for policy {settings.policy}"] += 1
             continue
         box = region["bbox"] if region is not None else None
         buffer.append((image_bytes, text, box, sizes.get(key)))
@@ -172,9 +188,12 @@ def load_image(image_bytes: bytes, box: list[float] | None, size: tuple[int, int
     return image if box is None else crop_to(image, box, size or image.size)
 
 
-def count_samples(tars, annotations, sizes, settings) -> int:
-    """Samples of epoch 0 (the same every epoch up to the seeded caption choice)."""
-    return sum(1 for _ in epoch_samples(tars, annotations, sizes, settings, 0, shuffle_buffer=1))
+def count_samples(tars, annotations, sizes, settings) -> tuple[int, Counter]:
+    """Samples of epoch 0 (the same every epoch up to the seeded caption choice), and the
+    tar samples left out, by reason."""
+    skipped: Counter = Counter()
+    samples = epoch_samples(tars, annotations, sizes, settings, 0, 1, skipped)
+    return sum(1 for _ in samples), skipped
 
 
 def train(
@@ -203,15 +222,18 @@ def train(
         device=device,
     )
     annotations = load_annotations(annotation_files)
-    per_epoch = count_samples(tars, annotations, sizes, settings) // settings.batch_size
+    n_samples, skipped = count_samples(tars, annotations, sizes, settings)
+    log.info("%d samples an epoch; left out: %s", n_samples, dict(skipped) or "none")
+    per_epoch = n_samples // settings.batch_size
     if per_epoch == 0:
         raise ValueError(
             f"no full batch of {settings.batch_size} annotated images for policy "
-            f"{settings.policy!r}: {len(annotations)} annotations, {len(tars)} tars"
+            f"{settings.policy!r}: {len(annotations)} annotations, {len(tars)} tars, "
+            f"{n_samples} samples; left out: {dict(skipped) or 'none'}"
         )
     total = per_epoch * settings.epochs
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+        param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.98), eps=1e-6
     )
     schedule = cosine_lr(optimizer, settings.lr, settings.warmup, total)
     loss_fn = ClipLoss()
@@ -288,7 +310,26 @@ def train(
             {"model": model.state_dict(), "settings": asdict(settings), "steps": step},
             out_dir / "model.pt",
         )
-    return {"steps": step, "total_steps": total, "steps_per_epoch": per_epoch}
+    return {
+        "steps": step,
+        "total_steps": total,
+        "steps_per_epoch": per_epoch,
+        "samples_per_epoch": n_samples,
+        "left_out": dict(sorted(skipped.items())),
+    }
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups as open_clip_train makes them: no weight decay on gains, biases, norms
+    and the temperature (parameters under 2-D, or named bn/ln/bias/logit_scale)."""
+    groups: dict[bool, list] = {True: [], False: []}
+    for name, param in model.named_parameters():
+        exempt = param.ndim < 2 or any(k in name for k in ("bn", "ln", "bias", "logit_scale"))
+        groups[not exempt].append(param)
+    return [
+        {"params": groups[False], "weight_decay": 0.0},
+        {"params": groups[True], "weight_decay": weight_decay},
+    ]
 
 
 def input_identity(paths: list[Path]) -> str:
