@@ -95,6 +95,15 @@ def from_demo(spec):
 
 # With another URL list the demo world's runs and benchmarks make no sense: they drop out.
 DEMO = url_lists() == [DEMO_URLS]
+
+
+def url_schemes():
+    """shard_urls.schemes, plus file: for the demo world's own list (its images are local
+    files). A real list never gets file: unless the config names it: a URL list from the web
+    must not make the workflow read this machine's files."""
+    schemes = list(config["shard_urls"]["schemes"])
+    return schemes + ["file"] if DEMO and "file" not in schemes else schemes
+
 CLIP_RUNS = {n: s for n, s in enabled(config["clip"]["runs"]).items() if DEMO or not from_demo(s)}
 RETRIEVAL = {
     n: s for n, s in enabled(config["benchmarks"]["retrieval"]).items() if DEMO or not from_demo(s)

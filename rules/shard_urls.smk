@@ -8,7 +8,7 @@ rule shard_urls:
         summary="results/urls/summary.json",
     params:
         n_shards=len(SHARDS),
-        schemes=lookup(dpath="shard_urls/schemes", within=config),
+        schemes=url_schemes(),
         columns=lookup(dpath="shard_urls/columns", within=config),
     log:
         "results/logs/shard_urls.log",

@@ -71,6 +71,17 @@ def test_shard_count_follows_a_real_url_list(workflow):
     assert jobs["download"] == 3
 
 
+def test_a_real_url_list_may_not_name_local_files(tmp_path):
+    wf = copy_workflow(tmp_path / "wf")
+    urls = ["http://img.example/0.jpg", "file:///etc/passwd", "https://img.example/1.jpg"]
+    pq.write_table(pa.table({"URL": urls, "TEXT": ["x"] * 3}), wf / "mine.parquet")
+    snakemake(wf, "results/urls/summary.json", "--config", "url_list=mine.parquet", "--cores", "1")
+    summary = json.loads((wf / "results/urls/summary.json").read_text())
+    assert summary["sharded_rows"] == 2 and summary["rejected"] == {"unsupported_scheme": 1}
+    rejected = pq.read_table(wf / "results/urls/rejected.parquet").to_pylist()
+    assert [r["url"] for r in rejected] == ["file:///etc/passwd"]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     """The whole workflow, run once on a tiny demo world."""
