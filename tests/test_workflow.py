@@ -32,6 +32,9 @@ def test_lint_is_clean():
         ("shards: {sise: 3}\n", "sise"),  # typo of a nested key
         ("url_lsit: x.parquet\n", "url_lsit"),  # typo of a top-level key
         ("download: {timeout: soon}\n", "timeout"),  # wrong type
+        ("demo_world: {classify_per_class: 0}\n", "classify_per_class"),  # out of range
+        ("download: {resize_mode: center_crop}\n", "resize_mode"),  # breaks box mapping
+        ("download: {resize_mode: no}\n", "resize_mode"),  # YAML reads no as false
     ],
 )
 def test_config_mistakes_fail_naming_the_key(workflow, override, named):
