@@ -31,6 +31,17 @@ def test_url_key_matches_duckdb_md5():
     assert url_key(" http://c/ ") == url_key("http://c/")
 
 
+def test_urls_differing_only_in_surrounding_whitespace_are_duplicates(tmp_path):
+    urls = ["http://a/x.jpg", "http://a/x.jpg\t", "\n http://a/x.jpg\r\n", "http://a/y.jpg"]
+    pq.write_table(pa.table({"url": urls}), tmp_path / "l.parquet")
+    summary = shard_url_lists([tmp_path / "l.parquet"], tmp_path / "out", 1)
+    kept = pq.read_table(tmp_path / "out/00000.parquet").to_pylist()
+    assert sorted(r["url"] for r in kept) == ["http://a/x.jpg", "http://a/y.jpg"]
+    assert all(r["key"] == url_key(r["url"]) for r in kept)
+    assert summary["rejected"] == {"duplicate_url": 2}
+    assert {url_key(u) for u in urls[:3]} == {url_key("http://a/x.jpg")}
+
+
 def test_count_rows_formats(tmp_path):
     pq.write_table(pa.table({"url": ["a", "b", "c"]}), tmp_path / "l.parquet")
     (tmp_path / "l.csv").write_text("url,caption\nhttp://a,x\nhttp://b,y\n")
@@ -170,3 +181,35 @@ def test_scheme_is_read_before_the_first_colon(tmp_path):
     kept = pq.read_table(tmp_path / "out/00000.parquet").column("url").to_pylist()
     assert kept == urls[:3]
     assert summary["rejected"] == {"no_scheme": 1, "unsupported_scheme": 1}
+
+
+def test_malformed_text_rows_are_rejected_with_their_line(tmp_path):
+    tsv = tmp_path / "a.tsv"
+    tsv.write_text('url\tcaption\nhttp://a/1.jpg\tok\nhttp://a/2.jpg\t"lone quote\n')
+    csv_list = tmp_path / "b.csv"
+    csv_list.write_text(
+        'url,caption\nhttp://b/1.jpg,"fine, quoted"\nhttp://b/2.jpg,"bad "quote" x,extra\n'
+        "http://b/3.jpg\nhttp://b/4.jpg,last\n"
+    )
+    summary = shard_url_lists([tsv, csv_list], tmp_path / "out", 1)
+    kept = pq.read_table(tmp_path / "out/00000.parquet").to_pylist()
+    captions = {r["url"]: r["caption"] for r in kept}
+    assert captions == {
+        "http://a/1.jpg": "ok",
+        "http://a/2.jpg": '"lone quote',  # tsv has no quoting
+        "http://b/1.jpg": "fine, quoted",
+        "http://b/4.jpg": "last",
+    }
+    rejected = pq.read_table(tmp_path / "out/rejected.parquet").to_pylist()
+    assert [(r["reason"], r["caption"]) for r in rejected] == [
+        ("unparseable_row", 'line 3: http://b/2.jpg,"bad "quote" x,extra'),
+        ("unparseable_row", "line 4: http://b/3.jpg"),
+    ]
+    assert summary["input_rows"] == 6 and summary["rejected"] == {"unparseable_row": 2}
+
+
+def test_a_corrupt_parquet_list_is_named(tmp_path):
+    bad = tmp_path / "broken.parquet"
+    bad.write_bytes(b"not parquet at all")
+    with pytest.raises(UrlListError, match="broken.parquet: not a readable parquet file"):
+        count_rows(bad)

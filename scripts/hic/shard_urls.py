@@ -13,6 +13,7 @@ vary around ``shard_size`` by a few percent.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -63,9 +64,15 @@ class UrlListError(ValueError):
     """A URL list that cannot be read as configured."""
 
 
+# Leading and trailing ASCII whitespace is not part of a URL; Python and DuckDB strip the same
+# characters (str.strip() would also take Unicode spaces, DuckDB's trim() keeps tabs).
+_WHITESPACE = " \t\n\r\f\v"
+_STRIP_SQL = r"regexp_replace(url, '^[ \t\n\r\f\v]+|[ \t\n\r\f\v]+$', '', 'g')"
+
+
 def url_key(url: str) -> str:
     """Stable key of a URL (same digits DuckDB's ``md5`` gives in :func:`shard_url_lists`)."""
-    return hashlib.md5(url.strip().encode("utf-8")).hexdigest()[:16]
+    return hashlib.md5(url.strip(_WHITESPACE).encode("utf-8")).hexdigest()[:16]
 
 
 def shard_of(key: str, n_shards: int) -> int:
@@ -92,7 +99,10 @@ def count_rows(path: Path) -> int:
     makes shards slightly smaller than configured.
     """
     if list_format(path) == "parquet":
-        return pq.ParquetFile(path).metadata.num_rows
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except (OSError, pa.ArrowInvalid) as err:
+            raise UrlListError(f"{path}: not a readable parquet file ({err})") from err
     lines, last = 0, b"\n"
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -121,14 +131,39 @@ def resolve_columns(
     return found
 
 
-def _scan_sql(path: Path) -> str:
-    p = str(path).replace("'", "''")
-    fmt = list_format(path)
-    if fmt == "parquet":
-        return f"read_parquet('{p}', file_row_number = true)"
-    delim = "\\t" if fmt == "tsv" else ","
-    # all_varchar: a url list is text; width/height are cast below, bad values become NULL.
-    return f"read_csv('{p}', delim = E'{delim}', header = true, all_varchar = true, quote = '\"')"
+def _sql_text(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _text_dialect(path: Path) -> tuple[str, str]:
+    """(delimiter, quote) of a csv or tsv list: tsv has no quoting (a caption may open with a
+    lone '"'), csv quotes with '"'."""
+    return ("\t", "") if list_format(path) == "tsv" else (",", '"')
+
+
+def _text_header(path: Path) -> list[str]:
+    delim, quote = _text_dialect(path)
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        if quote:
+            return next(csv.reader(f, delimiter=delim, quotechar=quote), [])
+        return next(csv.reader(f, delimiter=delim, quoting=csv.QUOTE_NONE), [])
+
+
+def _scan_sql(path: Path, header: list[str], rejects: str) -> str:
+    """A DuckDB scan of one list. csv/tsv are read with the header's columns as text (widths
+    and heights are cast later, bad values become NULL) and without dialect sniffing, which
+    would fail the whole file on one malformed row; such rows go to table ``rejects``."""
+    p = _sql_text(str(path))
+    if list_format(path) == "parquet":
+        return f"read_parquet({p}, file_row_number = true)"
+    delim, quote = _text_dialect(path)
+    columns = "{" + ", ".join(f"{_sql_text(c)}: 'VARCHAR'" for c in header) + "}"
+    return (
+        f"read_csv({p}, delim = {_sql_text(delim)}, quote = {_sql_text(quote)}, "
+        f"escape = {_sql_text(quote)}, header = true, columns = {columns}, "
+        f"auto_detect = false, store_rejects = true, rejects_table = '{rejects}', "
+        f"rejects_scan = '{rejects}_scans')"
+    )
 
 
 def _column_sql(name: str | None, cast: str) -> str:
@@ -139,13 +174,19 @@ def _column_sql(name: str | None, cast: str) -> str:
 def _load(con: duckdb.DuckDBPyConnection, paths: Sequence[Path], columns: Mapping) -> None:
     con.execute(
         "CREATE TABLE raw (file_index INTEGER, source_file VARCHAR, source_row BIGINT, "
-        "url VARCHAR, caption VARCHAR, width BIGINT, height BIGINT)"
+        "url VARCHAR, caption VARCHAR, width BIGINT, height BIGINT, unparsed BOOLEAN)"
     )
     for index, path in enumerate(paths):
         if not path.exists():
             raise UrlListError(f"{path}: URL list not found")
-        scan = _scan_sql(path)
-        available = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {scan}").fetchall()]
+        text = list_format(path) != "parquet"
+        header = _text_header(path) if text else []
+        rejects = f"rejects_{index}"
+        scan = _scan_sql(path, header, rejects)
+        if text:
+            available = header
+        else:
+            available = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {scan}").fetchall()]
         cols = resolve_columns(available, columns, path)
         url, caption, width, height = (
             _column_sql(cols[t], c)
@@ -156,13 +197,21 @@ def _load(con: duckdb.DuckDBPyConnection, paths: Sequence[Path], columns: Mappin
                 ("height", "BIGINT"),
             ]
         )
-        # csv has no file_row_number; DuckDB keeps insertion order for a plain scan.
-        row = "file_row_number" if list_format(path) == "parquet" else "row_number() OVER () - 1"
+        # csv has no file_row_number; DuckDB keeps insertion order for a plain scan, so a
+        # csv row's source_row counts the rows that parsed before it.
+        row = "row_number() OVER () - 1" if text else "file_row_number"
         con.execute(
-            f"INSERT INTO raw SELECT {index}, ?, {row}, {url}, {caption}, {width}, {height} "
-            f"FROM {scan}",
+            f"INSERT INTO raw SELECT {index}, ?, {row}, {url}, {caption}, {width}, {height}, "
+            f"false FROM {scan}",
             [str(path)],
         )
+        if text:  # malformed rows: kept as rejected, with their line number and text
+            con.execute(
+                f"INSERT INTO raw SELECT {index}, ?, NULL, NULL, "
+                f"'line ' || line || ': ' || any_value(csv_line), NULL, NULL, true "
+                f"FROM {rejects} GROUP BY line ORDER BY line",
+                [str(path)],
+            )
 
 
 def _write(con: duckdb.DuckDBPyConnection, query: str, schema: pa.Schema, path: Path) -> None:
@@ -182,9 +231,10 @@ def shard_url_lists(
 ) -> dict:
     """Write ``out_dir/{shard}.parquet`` for every shard, ``rejected.parquet`` and return a summary.
 
-    A row is rejected (kept, with a reason) when its url is empty, has no ``scheme:`` or a
-    scheme not in ``schemes``, or repeats an earlier url (the first occurrence, in file then
-    row order, is kept). ``temp_dir`` holds DuckDB's database so large lists spill to disk.
+    A row is rejected (kept, with a reason) when it does not parse (csv/tsv; its caption
+    holds "line N: <text>"), its url is empty, has no ``scheme:`` or a scheme not in
+    ``schemes``, or repeats an earlier url (the first occurrence, in file then row order, is
+    kept). ``temp_dir`` holds DuckDB's database so large lists spill to disk.
     """
     paths = [Path(p) for p in paths]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -201,6 +251,7 @@ def shard_url_lists(
             CREATE TABLE classified AS
             SELECT *,
               CASE
+                WHEN unparsed THEN 'unparseable_row'
                 WHEN url IS NULL OR url = '' THEN 'empty_url'
                 WHEN NOT regexp_matches(url, '^[A-Za-z][A-Za-z0-9+.-]*:') THEN 'no_scheme'
                 WHEN NOT list_contains(?, lower(regexp_extract(url, '^([^:]+):', 1)))
@@ -209,10 +260,10 @@ def shard_url_lists(
               END AS reason,
               ('0x' || substr(key, 1, 8))::UBIGINT % {int(n_shards)} AS shard
             FROM (
-              SELECT * REPLACE (trim(url) AS url), substr(md5(trim(url)), 1, 16) AS key,
-                row_number() OVER (PARTITION BY trim(url) ORDER BY file_index, source_row)
+              SELECT *, substr(md5(url), 1, 16) AS key,
+                row_number() OVER (PARTITION BY url ORDER BY file_index, source_row)
                   AS occurrence
-              FROM raw
+              FROM (SELECT * REPLACE ({_STRIP_SQL} AS url) FROM raw)
             )
             ORDER BY shard, file_index, source_row
             """,
