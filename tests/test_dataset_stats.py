@@ -246,6 +246,14 @@ def test_region_recall_counts_images_missing_from_release_as_missed(release, tmp
     assert strict["all"]["matched"] == 1  # the shifted box (IoU 0.82) no longer matches
 
 
+def test_no_predictions_give_no_precision_and_valid_json(tables, tmp_path):
+    empty = [write(tmp_path / "r.parquet", [row("a", [], 3, 10)])]
+    ref = write(tmp_path / "ref.parquet", [reference_row("a", REF_A)], REFERENCE_SCHEMA)
+    summary = summary_dict({**tables, "region_recall": region_recall(empty, ref)})
+    assert summary["region_recall"]["all"] == {"recall": 0.0, "precision": None}
+    json.dumps(summary, allow_nan=False)  # NaN is not JSON
+
+
 # ------------------------------------------- merged summaries vs one query over every row
 def row_level_stats(files, quantiles, top_labels):
     """The same tables computed over the release rows themselves: the reference."""

@@ -215,7 +215,10 @@ def summary_dict(tables: dict[str, pd.DataFrame]) -> dict:
             for kind in words.index
         },
         "region_recall": (
-            tables["region_recall"].set_index("scope")[["recall", "precision"]].to_dict("index")
+            {
+                row.scope: {"recall": _optional(row.recall), "precision": _optional(row.precision)}
+                for row in tables["region_recall"].itertuples(index=False)
+            }
             if "region_recall" in tables
             else None
         ),
