@@ -187,6 +187,7 @@ def test_empty_shard_writes_empty_outputs(tmp_path):
         ("<urlopen error [Errno -2] Name or service not known>", "dns"),
         ("image area too large", "size_filter"),
         ("something new", "other"),
+        ("redirection to url 'file:///etc/passwd' is not allowed", "redirect_refused"),
     ],
 )
 def test_error_type(message, expected):

@@ -82,8 +82,10 @@ def test_download_stats_counts_and_exact_quantiles(files):
     assert hist == {0: 2, 1: 1, 3: 1, 5: 1, 9: 1}
 
 
-def test_top_errors_limits_the_failure_table(files):
-    assert len(download_stats(files, quantiles=QUANTILES, top_errors=1)["errors"]) == 1
+def test_top_errors_folds_the_rest_into_one_row(files):
+    errors = download_stats(files, quantiles=QUANTILES, top_errors=1)["errors"]
+    assert errors["error_type"].tolist() == ["http_404", "other (1 types)"]
+    assert errors["count"].tolist() == [2, 1]  # every failure is still counted
 
 
 def test_summary_and_plots(files, tmp_path):

@@ -43,7 +43,8 @@ STATUS_SCHEMA = pa.schema(
 
 # (pattern, type) in priority order: urllib reports a redirect loop as an HTTP error.
 _ERROR_TYPES = [
-    (r"infinite loop|redirect", "redirect_loop"),
+    (r"infinite loop", "redirect_loop"),
+    (r"redirection to url .* is not allowed", "redirect_refused"),  # e.g. http -> file:
     (r"HTTP Error (\d{3})", "http_{0}"),
     (r"timed out|timeout", "timeout"),
     (r"Image decoding error", "decode_error"),

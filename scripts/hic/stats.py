@@ -39,6 +39,21 @@ def quantile_table(
     return con.execute(" UNION ALL ".join(parts)).df()
 
 
+def _fold_tail(errors: pd.DataFrame, top: int) -> pd.DataFrame:
+    """The ``top`` most frequent error types, the rest summed into one "other (k types)" row,
+    so the table still accounts for every failure."""
+    if len(errors) <= top:
+        return errors
+    head, tail = errors.iloc[:top], errors.iloc[top:]
+    other = {
+        "error_type": f"other ({len(tail)} types)",
+        "count": int(tail["count"].sum()),
+        "fraction_of_failures": round(float(tail["fraction_of_failures"].sum()), 4),
+        "example": tail["example"].iloc[0],
+    }
+    return pd.concat([head, pd.DataFrame([other])], ignore_index=True)
+
+
 def download_stats(
     status_files: Sequence[Path], *, quantiles: Sequence[float], top_errors: int
 ) -> dict[str, pd.DataFrame]:
@@ -50,13 +65,15 @@ def download_stats(
             "SELECT status, count(*) AS count, round(count(*) / sum(count(*)) OVER (), 4) "
             "AS fraction FROM s GROUP BY status ORDER BY count DESC, status"
         ).df(),
-        "errors": con.execute(
-            "SELECT error_type, count(*) AS count, "
-            "round(count(*) / sum(count(*)) OVER (), 4) AS fraction_of_failures, "
-            "min(error_message) AS example FROM s WHERE error_type IS NOT NULL "
-            "GROUP BY error_type ORDER BY count DESC, error_type LIMIT ?",
-            [top_errors],
-        ).df(),
+        "errors": _fold_tail(
+            con.execute(
+                "SELECT error_type, count(*) AS count, "
+                "round(count(*) / sum(count(*)) OVER (), 4) AS fraction_of_failures, "
+                "min(error_message) AS example FROM s WHERE error_type IS NOT NULL "
+                "GROUP BY error_type ORDER BY count DESC, error_type"
+            ).df(),
+            top_errors,
+        ),
         "image_sizes": quantile_table(
             con, "(SELECT * FROM s WHERE status = 'success')", SIZE_COLUMNS, quantiles
         ),
