@@ -116,6 +116,23 @@ def test_generate_texts_batches_like_single_calls(loaded):
     assert models.generate_texts(model, processor, images, prompts, max_new_tokens=12) == batch
 
 
+def test_choice_probabilities_are_first_token_mass_batched_like_single_calls(loaded):
+    model, processor = loaded
+    images = [scene(64, 48, 10), scene(200, 120, 120)]
+    prompts = ["Is there a dog in the red box? Answer yes or no.", "Is this a cat?"]
+    batch = models.choice_probabilities(model, processor, images, prompts, ("yes", "no"))
+    singles = [
+        models.choice_probabilities(model, processor, [image], [prompt], ("yes", "no"))[0]
+        for image, prompt in zip(images, prompts, strict=True)
+    ]
+    for got, alone in zip(batch, singles, strict=True):
+        assert set(got) == {"yes", "no"}
+        assert all(0 < p for p in got.values()) and sum(got.values()) <= 1
+        assert got == pytest.approx(alone, rel=1e-4)  # left padding changes nothing
+    # A random model spreads its mass over the whole vocabulary: far from an answer.
+    assert all(sum(p.values()) < 0.5 for p in batch)
+
+
 def test_generate_texts_samples_and_checks_lengths(loaded):
     model, processor = loaded
     images, prompts = [scene(80, 80, 50)] * 2, ["Describe the image."] * 2

@@ -1,3 +1,4 @@
+import pytest
 from PIL import Image
 
 from hic.verify_labels import VerifySettings, parse_label, verify_regions
@@ -43,6 +44,27 @@ def test_garbage_correction_is_unparsed_and_keeps_the_label():
     backend = Scripted({"cat": 0.1}, "%%% ## 12")
     (row,) = verify_regions(views(["cat"]), backend, PROMPTS, VerifySettings())
     assert (row["label"], row["verdict"]) == ("cat", "unparsed")
+    assert row["verify_reason"] == "correction '%%% ## 12' is no label"
+
+
+def test_a_model_answering_neither_yes_nor_no_is_unparsed():
+    class Mute(Scripted):
+        def choice_probabilities(self, images, prompts, choices):
+            return [{"yes": 0.01, "no": 0.02}, {"yes": 0.0, "no": 0.0}]
+
+    backend = Mute({}, "wolf")
+    rows = verify_regions(views(["dog", "cat"]), backend, PROMPTS, VerifySettings())
+    assert [(r["label"], r["verdict"]) for r in rows] == [("dog", "unparsed"), ("cat", "unparsed")]
+    assert rows[0]["verify_reason"] == "no yes/no answer (P(yes) + P(no) = 0.03)"
+    assert rows[0]["p_accurate"] == pytest.approx(1 / 3) and rows[1]["p_accurate"] is None
+    assert backend.generated == []  # no correction is asked of a model that did not answer
+
+
+def test_a_correction_naming_the_same_label_is_unparsed():
+    backend = Scripted({"dog": 0.1}, "A dog.")
+    (row,) = verify_regions(views(["dog"]), backend, PROMPTS, VerifySettings())
+    assert (row["label"], row["verdict"]) == ("dog", "unparsed")
+    assert row["verify_reason"] == "rejected, then named the same label"
 
 
 def test_accept_threshold_is_a_setting():

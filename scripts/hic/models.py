@@ -497,7 +497,8 @@ def choice_probabilities(
     prompts: list[str],
     choices: tuple[str, ...],
 ) -> list[dict[str, float]]:
-    """P(answer starts with each choice), renormalised over the choices, per (image, prompt).
+    """P(answer starts with each choice) per (image, prompt), not renormalised: what the
+    choices leave of the distribution tells whether the model answers the question at all.
 
     One forward pass instead of generation: the next-token distribution after the assistant
     header is read at the first token of each choice ("yes", " yes", "Yes", ...), so a verdict
@@ -516,9 +517,4 @@ def choice_probabilities(
         )
         for c in choices
     }
-    results = []
-    for row in probs:
-        mass = {c: float(row[ids].sum()) for c, ids in first_ids.items()}
-        total = sum(mass.values())
-        results.append({c: m / total if total else 1 / len(choices) for c, m in mass.items()})
-    return results
+    return [{c: float(row[ids].sum()) for c, ids in first_ids.items()} for row in probs]

@@ -34,7 +34,8 @@ VERIFIED_SCHEMA = _extend(
     SELECTED_SCHEMA,
     ("original_label", pa.string()),
     ("verdict", pa.string()),  # accurate | corrected | unparsed
-    ("p_accurate", pa.float64()),
+    ("p_accurate", pa.float64()),  # P(yes) / (P(yes) + P(no)); null when both are 0
+    ("verify_reason", pa.string()),  # why unparsed
 )
 CAPTIONED_SCHEMA = _extend(
     VERIFIED_SCHEMA,

@@ -1,10 +1,14 @@
 """Label verification: is the label right for the object in the drawn box? If not, what is it?
 
 The verdict is read from the model's likelihoods, not parsed from free text: one forward pass
-gives P(yes) and P(no) for the answer's first token (``choice_probabilities``), and the label is
-accurate when P(yes) ≥ ``accept``. Only rejected labels get a second, generated question for
-the corrected name, which must parse as a short name; otherwise the region is ``unparsed`` and
-keeps its label. A corrected label replaces the label; ``original_label`` keeps the detector's.
+gives P(yes) and P(no) for the answer's first token (``choice_probabilities``). When together
+they hold less than ``min_answer_mass`` of the distribution the model is not answering the
+question (a random or broken model, a prompt it misreads): the region is ``unparsed``. Else the
+label is accurate when P(yes) / (P(yes) + P(no)) ≥ ``accept``. Only rejected labels get a
+second, generated question for the corrected name, which must parse as a short name other than
+the label; otherwise the region is ``unparsed`` and keeps its label. A corrected label replaces
+the label; ``original_label`` keeps the detector's; ``verify_reason`` says why a region is
+``unparsed``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ class VerifySettings:
     box_colour: str = "red"
     box_width: int = 3
     accept: float = 0.5
+    min_answer_mass: float = 0.5
     batch_size: int = 8
     max_new_tokens: int = 8
     max_label_words: int = 4
@@ -51,7 +56,10 @@ def verify_regions(views, backend, prompts: dict[str, str], settings: VerifySett
             fill(prompts["verify"], label=r["label"], colour=settings.box_colour) for r in regions
         ]
         probs = backend.choice_probabilities(images, questions, ("yes", "no"))
-        rejected = [i for i, p in enumerate(probs) if p["yes"] < settings.accept]
+        mass = [p["yes"] + p["no"] for p in probs]
+        answered = [m >= settings.min_answer_mass and m > 0 for m in mass]
+        p_yes = [p["yes"] / m if m > 0 else None for p, m in zip(probs, mass, strict=True)]
+        rejected = [i for i, p in enumerate(p_yes) if answered[i] and p < settings.accept]
         answers = {}
         if rejected:
             texts = backend.generate(
@@ -64,12 +72,22 @@ def verify_regions(views, backend, prompts: dict[str, str], settings: VerifySett
             )
             answers = dict(zip(rejected, texts, strict=True))
         for i, region in enumerate(regions):
-            row = {**region, "original_label": region["label"], "p_accurate": probs[i]["yes"]}
-            if i not in answers:
+            row = {**region, "original_label": region["label"], "p_accurate": p_yes[i]}
+            row["verify_reason"] = None
+            if not answered[i]:
+                row.update(
+                    verdict="unparsed",
+                    verify_reason=f"no yes/no answer (P(yes) + P(no) = {mass[i]:.3g})",
+                )
+            elif i not in answers:
                 row["verdict"] = "accurate"
-            elif corrected := parse_label(answers[i], settings.max_label_words):
-                row.update(verdict="corrected", label=corrected)
+            elif (corrected := parse_label(answers[i], settings.max_label_words)) is None:
+                row.update(
+                    verdict="unparsed", verify_reason=f"correction {answers[i]!r} is no label"
+                )
+            elif corrected == region["label"].strip().lower():
+                row.update(verdict="unparsed", verify_reason="rejected, then named the same label")
             else:
-                row["verdict"] = "unparsed"
+                row.update(verdict="corrected", label=corrected)
             rows.append(row)
     return rows

@@ -108,19 +108,20 @@ class VllmBackend:
         self, images: Sequence[Image.Image], prompts: Sequence[str], choices: tuple[str, ...]
     ) -> list[dict[str, float]]:
         # vLLM returns the top-k log-probabilities of the first generated token; a choice
-        # outside the top 20 gets no mass.
+        # outside the top 20 gets no mass (and a model answering neither gets none at all).
         params = self.sampling(max_tokens=1, temperature=0.0, logprobs=20)
         outputs = self.llm.generate(self._requests(images, prompts), params, use_tqdm=False)
-        results = []
-        for output in outputs:
-            top = output.outputs[0].logprobs[0].values()
-            mass = {
-                c: sum(math.exp(lp.logprob) for lp in top if lp.decoded_token.strip().lower() == c)
+        return [
+            {
+                c: sum(
+                    math.exp(lp.logprob)
+                    for lp in output.outputs[0].logprobs[0].values()
+                    if lp.decoded_token.strip().lower() == c
+                )
                 for c in choices
             }
-            total = sum(mass.values())
-            results.append({c: m / total if total else 1 / len(choices) for c, m in mass.items()})
-        return results
+            for output in outputs
+        ]
 
 
 def make_backend(name: str, ref: ModelRef, **options) -> TransformersBackend | VllmBackend:
