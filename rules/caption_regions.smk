@@ -11,7 +11,7 @@ rule caption_regions:
     params:
         model=lookup(dpath="models/vlm", within=config),
         backend=lookup(dpath="caption_scene/backend", within=config),
-        pixels=vlm_pixels(),
+        vlm=vlm_options(),
         settings=lookup(dpath="caption_regions", within=config),
     log:
         "results/logs/caption_regions/{shard}.log",

@@ -45,10 +45,11 @@ def model_files(role):
     return [model_id] if model_id.startswith("resources/models/") else []
 
 
-def vlm_pixels():
-    """Image-size limits the region stages share with scene captioning."""
+def vlm_options():
+    """Image-size limits and vLLM engine arguments the region stages share with scene
+    captioning (the same model, loaded the same way)."""
     scene = config["caption_scene"]
-    return {"min_pixels": scene["min_pixels"], "max_pixels": scene["max_pixels"]}
+    return {k: scene[k] for k in ("min_pixels", "max_pixels", "vllm")}
 
 
 def demo_reference():

@@ -9,7 +9,7 @@ rule refine_regions:
     params:
         model=lookup(dpath="models/vlm", within=config),
         backend=lookup(dpath="caption_scene/backend", within=config),
-        pixels=vlm_pixels(),
+        vlm=vlm_options(),
         settings=lookup(dpath="refine_regions", within=config),
     log:
         "results/logs/refine_regions/{shard}.log",

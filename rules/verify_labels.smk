@@ -12,7 +12,7 @@ rule verify_labels:
     params:
         model=lookup(dpath="models/vlm", within=config),
         backend=lookup(dpath="caption_scene/backend", within=config),
-        pixels=vlm_pixels(),
+        vlm=vlm_options(),
         settings=lookup(dpath="verify_labels", within=config),
     log:
         "results/logs/verify_labels/{shard}.log",

@@ -12,7 +12,7 @@ log = to_log(snakemake.log[0])
 inp, params = snakemake.input, snakemake.params
 settings = RegionCaptionSettings(**params.settings)
 regions = read_rows(Path(inp.regions))
-backend = make_backend(params.backend, ModelRef.from_config(params.model), **params.pixels)
+backend = make_backend(params.backend, ModelRef.from_config(params.model), **params.vlm)
 views = region_views(
     Path(inp.tar), regions, image_sizes(Path(inp.status)), settings.box_colour, settings.box_width
 )

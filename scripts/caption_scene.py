@@ -16,6 +16,7 @@ backend = make_backend(
     max_pixels=settings.max_pixels,
     do_sample=settings.do_sample,
     temperature=settings.temperature,
+    vllm=settings.vllm,
 )
 inp = snakemake.input
 summary = caption_shard(

@@ -10,7 +10,7 @@ from hic.vlm import make_backend
 log = to_log(snakemake.log[0])
 inp, params = snakemake.input, snakemake.params
 regions = read_rows(Path(inp.regions))
-backend = make_backend(params.backend, ModelRef.from_config(params.model), **params.pixels)
+backend = make_backend(params.backend, ModelRef.from_config(params.model), **params.vlm)
 rows = refine_rows(regions, backend, Path(inp.prompt).read_text(), **params.settings)
 check_complete(regions, rows, "refine_regions")
 write_rows(rows, REFINED_SCHEMA, Path(snakemake.output[0]))

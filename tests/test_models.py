@@ -180,7 +180,7 @@ def test_missing_model_names_it_and_the_fix(model_id):
         models.load_vlm(ModelRef(model_id, "abc123"), device="cpu")
     message = str(caught.value)
     assert repr(model_id) in message
-    assert f"huggingface-cli download {model_id} --revision abc123" in message
+    assert f"hf download {model_id} --revision abc123" in message
     assert "build_tiny_model" in message
 
 

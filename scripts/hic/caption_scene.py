@@ -76,6 +76,7 @@ class CaptionSettings:
     flush_every: int = 8
     do_sample: bool = False
     temperature: float = 1.0
+    vllm: dict = field(default_factory=lambda: {"max_model_len": 8192})
 
     def generation(self) -> str:
         keys = ("max_new_tokens", "min_pixels", "max_pixels", "do_sample", "temperature")

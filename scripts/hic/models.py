@@ -402,7 +402,7 @@ def unavailable_error(ref: ModelRef, why: OSError) -> ModelUnavailableError:
         f"cannot load model {ref.id!r} (revision {revision}): it is neither a complete local "
         f"folder nor in the Hugging Face cache ({why}). To fix: for a tiny model under "
         "resources/models/tiny-<arch>, build it with the workflow's build_tiny_model rule "
-        f"(snakemake {ref.id}); for hub weights, run `huggingface-cli download {ref.id} "
+        f"(snakemake {ref.id}); for hub weights, run `hf download {ref.id} "
         f"--revision {revision}` on a machine with network and make that Hugging Face cache "
         "visible here (HF_HOME)."
     )

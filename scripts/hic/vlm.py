@@ -15,7 +15,14 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from hic.models import ModelRef, chat_messages, choice_probabilities, generate_texts, load_vlm
+from hic.models import (
+    ModelRef,
+    chat_messages,
+    choice_probabilities,
+    generate_texts,
+    load_vlm,
+    unavailable_error,
+)
 
 BACKENDS = ("transformers", "vllm")
 
@@ -59,7 +66,11 @@ class TransformersBackend:
 
 
 class VllmBackend:
-    """vLLM's offline engine; prompts rendered with the model's own chat template."""
+    """vLLM's offline engine; prompts rendered with the model's own chat template.
+
+    ``engine`` holds further ``vllm.LLM`` arguments from the config (``caption_scene.vllm``),
+    e.g. ``max_model_len``: without it vLLM reserves memory for the model's whole context
+    (128k tokens for Qwen2.5-VL), which an image and a caption never need."""
 
     def __init__(
         self,
@@ -69,17 +80,22 @@ class VllmBackend:
         max_pixels: int,
         do_sample: bool = False,
         temperature: float = 1.0,
+        engine: dict | None = None,
     ):
         import vllm  # lazy: only GPU machines have it
         from transformers import AutoProcessor
 
         # Only its chat template is used here; vLLM resizes images with the pixel limits.
-        self.processor = AutoProcessor.from_pretrained(ref.id, revision=ref.revision)
+        try:
+            self.processor = AutoProcessor.from_pretrained(ref.id, revision=ref.revision)
+        except OSError as err:
+            raise unavailable_error(ref, err) from err
         self.llm = vllm.LLM(
             model=ref.id,
             revision=ref.revision,
             limit_mm_per_prompt={"image": 1},
             mm_processor_kwargs={"min_pixels": min_pixels, "max_pixels": max_pixels},
+            **(engine or {}),
         )
         self.sampling = vllm.SamplingParams
         self.temperature = temperature if do_sample else 0.0
@@ -124,7 +140,10 @@ class VllmBackend:
         ]
 
 
-def make_backend(name: str, ref: ModelRef, **options) -> TransformersBackend | VllmBackend:
+def make_backend(
+    name: str, ref: ModelRef, *, vllm: dict | None = None, **options
+) -> TransformersBackend | VllmBackend:
+    """The named backend; ``vllm`` is extra ``vllm.LLM`` arguments, used by that backend only."""
     if name not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {name!r}; choose one of {BACKENDS}")
     if name == "vllm":
@@ -133,5 +152,5 @@ def make_backend(name: str, ref: ModelRef, **options) -> TransformersBackend | V
                 "backend 'vllm' is selected but vllm is not installed in this environment. "
                 "Install it on a CUDA machine (pip install vllm) or set backend: transformers."
             )
-        return VllmBackend(ref, **options)
+        return VllmBackend(ref, engine=vllm, **options)
     return TransformersBackend(ref, **options)
