@@ -1,5 +1,6 @@
 # `make run`: the whole workflow on the embedded default. `make test`: everything CI checks.
-# Both create .venv from requirements.txt on first use (and again when it changes).
+# Both create .venv from requirements.txt, every version fixed by constraints.txt, on first use
+# (and again when either changes).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -15,9 +16,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: run test lint install clean cost
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet -r requirements.txt -c constraints.txt
 	touch $@
 
 install: $(VENV)/.installed

@@ -25,7 +25,7 @@ rule dataset_card:
         summary="results/stats/dataset_summary.json",
         code=library("dataset_card"),
     output:
-        report("results/dataset/README.md", caption="../report/dataset_card.rst", category="Dataset"),
+        card=report("results/dataset/README.md", caption="../report/dataset_card.rst", category="Dataset"),
     params:
         models=lookup(dpath="models", within=config),
         provenance=region_provenance(),

@@ -2,7 +2,7 @@ rule build_tiny_model:
     input:
         code=library("build_tiny_model"),
     output:
-        directory("resources/models/tiny-{arch}"),
+        model=directory("resources/models/tiny-{arch}"),
     params:
         seed=lookup(dpath="models/tiny_seed", within=config),
     log:

@@ -7,7 +7,7 @@ rule caption_regions:
         model=model_files("vlm"),
         code=library("caption_regions"),
     output:
-        "results/regions/captioned/{shard}.parquet",
+        regions="results/regions/captioned/{shard}.parquet",
     params:
         model=lookup(dpath="models/vlm", within=config),
         backend=lookup(dpath="caption_scene/backend", within=config),

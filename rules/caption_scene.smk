@@ -7,7 +7,7 @@ rule caption_scene:
         model=model_files("vlm"),
         code=library("caption_scene"),
     output:
-        "results/scene/{shard}.parquet",
+        scene="results/scene/{shard}.parquet",
     params:
         model=lookup(dpath="models/vlm", within=config),
         settings=lookup(dpath="caption_scene", within=config),

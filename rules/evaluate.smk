@@ -4,7 +4,7 @@ rule evaluate:
         data=benchmark_files,
         code=library("evaluate"),
     output:
-        "results/eval/{run}/{benchmark}.json",
+        result="results/eval/{run}/{benchmark}.json",
     params:
         spec=benchmark_spec,
     log:

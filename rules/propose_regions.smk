@@ -9,7 +9,7 @@ rule propose_regions:
         sam=model_files("sam"),
         code=library("propose_regions"),
     output:
-        "results/regions/proposals/{shard}.parquet",
+        regions="results/regions/proposals/{shard}.parquet",
     params:
         detector=lookup(dpath="models/detector", within=config),
         sam=lookup(dpath="models/sam", within=config),

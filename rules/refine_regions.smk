@@ -5,7 +5,7 @@ rule refine_regions:
         model=model_files("vlm"),
         code=library("refine_regions"),
     output:
-        "results/regions/refined/{shard}.parquet",
+        regions="results/regions/refined/{shard}.parquet",
     params:
         model=lookup(dpath="models/vlm", within=config),
         backend=lookup(dpath="caption_scene/backend", within=config),

@@ -4,7 +4,7 @@ rule select_regions:
         status="results/images/{shard}.parquet",
         code=library("select_regions"),
     output:
-        "results/regions/selected/{shard}.parquet",
+        regions="results/regions/selected/{shard}.parquet",
     params:
         settings=lookup(dpath="select_regions", within=config),
     log:

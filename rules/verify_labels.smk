@@ -8,7 +8,7 @@ rule verify_labels:
         model=model_files("vlm"),
         code=library("verify_labels"),
     output:
-        "results/regions/verified/{shard}.parquet",
+        regions="results/regions/verified/{shard}.parquet",
     params:
         model=lookup(dpath="models/vlm", within=config),
         backend=lookup(dpath="caption_scene/backend", within=config),

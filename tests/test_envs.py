@@ -54,15 +54,59 @@ def test_env_provides_what_the_code_imports(rule, env, script):
     assert wanted <= have, f"{rule}: {env} lacks {sorted(wanted - have)}"
 
 
-def test_env_pins_match_the_local_requirements():
-    required = dict(
-        line.lower().split("==")
-        for line in (REPO / "requirements.txt").read_text().splitlines()
-        if "==" in line
-    )
-    for env in sorted((REPO / "envs").glob("*.yaml")):
-        for name, version in pinned(env).items():
-            if name in required:
-                assert required[name] == version, (
-                    f"{env.name}: {name} {version} vs {required[name]}"
+def exact_pins(path: Path) -> dict[str, str]:
+    """Normalised distribution name -> version of a requirements-style file's == lines."""
+    pins = {}
+    for line in path.read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.strip().split("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def test_every_pin_agrees_with_the_constraints():
+    """requirements.txt and every env pin the versions constraints.txt fixes (the tested set)."""
+    constraints = exact_pins(REPO / "constraints.txt")
+    pinned_files = [REPO / "requirements.txt", *sorted((REPO / "envs").glob("*.yaml"))]
+    for path in pinned_files:
+        pins = exact_pins(path) if path.suffix == ".txt" else pinned(path)
+        for name, version in pins.items():
+            key = re.sub(r"[-_.]+", "-", name).lower()
+            assert constraints.get(key) == version, (
+                f"{path.name}: {name}=={version}, constraints.txt has {constraints.get(key)}"
+            )
+
+
+def sections(block: str) -> dict[str, list[str]]:
+    """Directive -> its indented lines, of one rule's text."""
+    found: dict[str, list[str]] = {}
+    current = None
+    for line in block.splitlines()[1:]:
+        if directive := re.match(r"    (\w+):(.*)$", line):
+            current = directive.group(1)
+            found[current] = [directive.group(2).strip()] if directive.group(2).strip() else []
+        elif current and line.startswith("        ") and line.strip():
+            found[current].append(line.strip())
+    return found
+
+
+RULE_BLOCKS = [
+    block
+    for path in sorted((REPO / "rules").glob("*.smk"))
+    for block in re.split(r"(?m)^(?=rule )", path.read_text())[1:]
+]
+
+
+@pytest.mark.parametrize("block", RULE_BLOCKS, ids=[b.split(":")[0][5:] for b in RULE_BLOCKS])
+def test_rule_anatomy(block):
+    """Named inputs and outputs, a log, a benchmark, an env, threads and a script; no run:."""
+    found = sections(block)
+    missing = {"input", "output", "log", "benchmark", "conda", "threads", "script"} - set(found)
+    assert not missing, f"missing {sorted(missing)}"
+    assert "run" not in found and "shell" not in found
+    for directive in ("input", "output"):
+        for entry in found[directive]:
+            if not entry.startswith(("**", ")", "]", "}")) and re.match(r"[\w\"(]", entry):
+                assert re.match(r"\w+=", entry) or entry.startswith(("[", "{")), (
+                    f"{directive} {entry!r} is not named"
                 )
