@@ -32,12 +32,24 @@ retrieval = (
     else None
 )
 classification = (
-    classification_table(data[data["task"] == "classification"], run_order=runs)
+    classification_table(
+        data[data["task"] == "classification"], run_order=runs, reference=reference
+    )
     if "classification" in tasks
     else None
 )
-for table, md, tex, csv, title, label in [
+skipped_tasks = {json.loads(p.read_text())["task"] for p in skipped}
+
+
+def absent(task: str) -> str:
+    if task in skipped_tasks:
+        return f"No results: every {task} benchmark was optional and not found (see the log).\n"
+    return f"No {task} benchmark is configured.\n"
+
+
+for task, table, md, tex, csv, title, label in [
     (
+        "retrieval",
         retrieval,
         out.retrieval_md,
         out.retrieval_tex,
@@ -46,6 +58,7 @@ for table, md, tex, csv, title, label in [
         "tab:retrieval",
     ),
     (
+        "classification",
         classification,
         out.classification_md,
         out.classification_tex,
@@ -56,7 +69,7 @@ for table, md, tex, csv, title, label in [
 ]:
     if table is None:
         for path in (md, tex, csv):
-            Path(path).write_text("No results of this kind were configured.\n")
+            Path(path).write_text(absent(task))
         continue
     Path(md).write_text(f"# {title}\n\n{to_markdown(table)}\n")
     Path(tex).write_text(to_latex(table, title, label))
@@ -64,5 +77,5 @@ for table, md, tex, csv, title, label in [
 if retrieval is not None:
     plot_retrieval(retrieval, Path(out.plot))
 else:
-    plot_message(Path(out.plot), "No retrieval results: no benchmark was configured.")
+    plot_message(Path(out.plot), absent("retrieval").strip())
 log.info("tables of %d results (%d skipped)", len(results) - len(skipped), len(skipped))
