@@ -1,6 +1,7 @@
 import importlib.util
 import math
 import sys
+import time
 import types
 
 import pytest
@@ -112,3 +113,18 @@ def test_vllm_backend_names_a_missing_model(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelUnavailableError, match="no-such-org/no-such-vlm"):
         VllmBackend(ModelRef("no-such-org/no-such-vlm", "abc"), min_pixels=1, max_pixels=2)
+
+
+def test_transformers_backend_times_the_model_alone(tiny_vlm):
+    backend = make_backend(
+        "transformers", ModelRef(str(tiny_vlm)), min_pixels=3136, max_pixels=12544
+    )
+    images = [Image.new("RGB", (40, 30), "red"), Image.new("RGB", (60, 30), "blue")]
+    started = time.perf_counter()
+    backend.generate(images, ["Describe it."] * 2, 4)
+    wall = time.perf_counter() - started
+    # Inside the call: the chat template, image processing and decoding are not model time.
+    assert 0 < backend.model_time.seconds < wall
+    before = backend.model_time.seconds
+    backend.choice_probabilities(images[:1], ["Is it red?"], ("yes", "no"))
+    assert backend.model_time.seconds > before

@@ -7,10 +7,12 @@ so that loading, prompting, batching and decoding run through exactly the code r
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.util
 import json
 import random
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -465,6 +467,21 @@ def _chat_inputs(processor, images, prompts, system=None):
     return processor(text=texts, images=images, padding=True, return_tensors="pt")
 
 
+class Stopwatch:
+    """Accumulated wall time of the blocks it times (``with watch: ...``): backends time the
+    model's own calls with it, so a stage can tell model time from its own overhead."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __enter__(self) -> Stopwatch:
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds += time.perf_counter() - self._start
+
+
 def generate_texts(
     model: PreTrainedModel,
     processor: ProcessorMixin,
@@ -475,14 +492,16 @@ def generate_texts(
     do_sample: bool = False,
     temperature: float = 1.0,
     system: str | None = None,
+    watch: Stopwatch | None = None,
 ) -> list[str]:
     """One generated text per (image, prompt), in order, from a single batched ``generate``.
 
-    ``images=None`` asks text-only questions (the refinement stage's LLM role)."""
+    ``images=None`` asks text-only questions (the refinement stage's LLM role). ``watch``
+    times ``model.generate`` alone (not the chat template, image processing or decoding)."""
     inputs = _chat_inputs(processor, images, prompts, system).to(model.device)
     # Temperature only means something when sampling; greedy calls leave it unset.
     sampling = {"temperature": temperature} if do_sample else {}
-    with torch.inference_mode():
+    with torch.inference_mode(), watch or contextlib.nullcontext():
         output = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, **sampling
         )
@@ -496,6 +515,7 @@ def choice_probabilities(
     images: list[Image.Image],
     prompts: list[str],
     choices: tuple[str, ...],
+    watch: Stopwatch | None = None,
 ) -> list[dict[str, float]]:
     """P(answer starts with each choice) per (image, prompt), not renormalised: what the
     choices leave of the distribution tells whether the model answers the question at all.
@@ -504,7 +524,7 @@ def choice_probabilities(
     header is read at the first token of each choice ("yes", " yes", "Yes", ...), so a verdict
     never depends on parsing free text."""
     inputs = _chat_inputs(processor, images, prompts).to(model.device)
-    with torch.inference_mode():
+    with torch.inference_mode(), watch or contextlib.nullcontext():
         logits = model(**inputs).logits[:, -1, :].float()
     probs = logits.softmax(dim=-1)
     tokenizer = processor.tokenizer

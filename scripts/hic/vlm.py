@@ -17,6 +17,7 @@ from PIL import Image
 
 from hic.models import (
     ModelRef,
+    Stopwatch,
     chat_messages,
     choice_probabilities,
     generate_texts,
@@ -43,12 +44,13 @@ class TransformersBackend:
     ):
         self.model, self.processor = load_vlm(ref, min_pixels=min_pixels, max_pixels=max_pixels)
         self.do_sample, self.temperature = do_sample, temperature
+        self.model_time = Stopwatch()
 
     def choice_probabilities(
         self, images: Sequence[Image.Image], prompts: Sequence[str], choices: tuple[str, ...]
     ) -> list[dict[str, float]]:
         return choice_probabilities(
-            self.model, self.processor, list(images), list(prompts), choices
+            self.model, self.processor, list(images), list(prompts), choices, self.model_time
         )
 
     def generate(
@@ -62,6 +64,7 @@ class TransformersBackend:
             max_new_tokens=max_new_tokens,
             do_sample=self.do_sample,
             temperature=self.temperature,
+            watch=self.model_time,
         )
 
 
@@ -99,6 +102,7 @@ class VllmBackend:
         )
         self.sampling = vllm.SamplingParams
         self.temperature = temperature if do_sample else 0.0
+        self.model_time = Stopwatch()  # the engine's calls (its own preprocessing included)
 
     def _requests(self, images, prompts) -> list[dict]:
         requests = []
@@ -117,7 +121,9 @@ class VllmBackend:
         self, images: Sequence[Image.Image] | None, prompts: Sequence[str], max_new_tokens: int
     ) -> list[str]:
         params = self.sampling(max_tokens=max_new_tokens, temperature=self.temperature)
-        outputs = self.llm.generate(self._requests(images, prompts), params, use_tqdm=False)
+        requests = self._requests(images, prompts)
+        with self.model_time:
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
         return [o.outputs[0].text for o in outputs]
 
     def choice_probabilities(
@@ -126,7 +132,9 @@ class VllmBackend:
         # vLLM returns the top-k log-probabilities of the first generated token; a choice
         # outside the top 20 gets no mass (and a model answering neither gets none at all).
         params = self.sampling(max_tokens=1, temperature=0.0, logprobs=20)
-        outputs = self.llm.generate(self._requests(images, prompts), params, use_tqdm=False)
+        requests = self._requests(images, prompts)
+        with self.model_time:
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
         return [
             {
                 c: sum(
