@@ -77,6 +77,11 @@ def test_special_token_ids_agree_with_model_config(loaded):
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in models.QWEN_SPECIAL_TOKENS}
     # Contiguous after the learned vocabulary, in the real tokenizer's order.
     assert list(ids.values()) == list(range(ids["<|endoftext|>"], ids["<|endoftext|>"] + 14))
+    more = [tokenizer.convert_tokens_to_ids(t) for t in models.QWEN_ADDED_TOKENS]
+    assert more == list(range(ids["<|video_pad|>"] + 1, ids["<|video_pad|>"] + 9))
+    # Not special, as in the real tokenizer: decoding keeps a tool call.
+    call = tokenizer("<tool_call>x</tool_call>")["input_ids"]
+    assert tokenizer.decode(call, skip_special_tokens=True) == "<tool_call>x</tool_call>"
     assert config.image_token_id == ids["<|image_pad|>"] == processor.image_token_id
     assert config.video_token_id == ids["<|video_pad|>"]
     assert config.vision_start_token_id == ids["<|vision_start|>"]
@@ -171,7 +176,7 @@ def test_build_is_reproducible_per_seed(tiny_dir, tmp_path):
 def test_tokenizer_corpus_can_be_given():
     tokenizer = models.train_qwen_tokenizer(["zebra crossing"] * 50, vocab_size=300)
     assert len(tokenizer(" crossing")["input_ids"]) == 1
-    assert tokenizer.convert_ids_to_tokens(len(tokenizer) - 1) == "<|video_pad|>"
+    assert tokenizer.convert_ids_to_tokens(len(tokenizer) - 1) == "<|file_sep|>"
 
 
 @pytest.mark.parametrize("model_id", ["resources/models/tiny-missing", "Qwen/Not-A-Cached-Model"])

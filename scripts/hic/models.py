@@ -78,6 +78,18 @@ QWEN_SPECIAL_TOKENS = (
     "<|image_pad|>",
     "<|video_pad|>",
 )
+# Then the real tokenizer's added tokens that are not special (decoding keeps them):
+# tool-call and fill-in-the-middle markers, <tool_call> = 151657 ... <|file_sep|> = 151664.
+QWEN_ADDED_TOKENS = (
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+)
 
 # Renders what Qwen2.5-VL's own template renders: a default system turn, ChatML turns, and
 # each image or video as a vision span the processor expands to one pad per merged patch.
@@ -236,8 +248,8 @@ def train_qwen_tokenizer(
     learned = json.loads(backend.to_str())["model"]
     vocab: dict[str, int] = learned["vocab"]
     added = {
-        len(vocab) + i: AddedToken(token, special=True, normalized=False)
-        for i, token in enumerate(QWEN_SPECIAL_TOKENS)
+        len(vocab) + i: AddedToken(token, special=token in QWEN_SPECIAL_TOKENS, normalized=False)
+        for i, token in enumerate(QWEN_SPECIAL_TOKENS + QWEN_ADDED_TOKENS)
     }
     return Qwen2Tokenizer(
         vocab=vocab,
