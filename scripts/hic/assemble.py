@@ -59,8 +59,13 @@ RELEASE_SCHEMA = pa.schema(
         _field("url", pa.string(), "image URL from the LAION-style list"),
         _field("width", pa.int64(), "original image width in pixels (the bbox frame)"),
         _field("height", pa.int64(), "original image height in pixels (the bbox frame)"),
-        _field("short_caption", pa.string(), "one-sentence scene caption; null unless ok"),
-        _field("long_caption", pa.string(), "dense scene caption; null unless ok"),
+        _field(
+            "short_caption",
+            pa.string(),
+            "one-sentence scene caption; null when it did not parse (an unparsed row may keep "
+            "the other caption)",
+        ),
+        _field("long_caption", pa.string(), "dense scene caption; null when it did not parse"),
         _field(
             "regions",
             pa.list_(REGION_TYPE),
