@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -17,6 +18,7 @@ from conftest import BIN, REPO, copy_workflow, planned_jobs, snakemake
 TINY = """
 demo_world: {n_images: 36, n_benchmark_pairs: 4, width: 96, height: 72, classify_per_class: 2}
 shards: {size: 16}
+caption_scene: {batch_size: 2, flush_every: 1}
 clip: {defaults: {epochs: 2, batch_size: 8, warmup: 2}}
 """
 
@@ -289,8 +291,14 @@ def test_a_killed_run_resumes_to_the_same_results_in_another_folder(tiny_run, tm
     equal those of the uninterrupted run in another folder (CPU runs are deterministic)."""
     wf = copy_workflow(tmp_path_factory.mktemp("killed"))
     (wf / "tiny.yaml").write_text(TINY)
-    kill_midway(wf, "results/regions/verified/*.parquet")
+    # Killed first inside scene captioning, once a shard has flushed a part of its rows...
+    kill_midway(wf, "results/scene/*.parquet.parts/part-*.parquet")
     snakemake(wf, "--unlock")  # a killed run leaves its lock behind
+    # ...and again in the region stages: the restarted shard resumed from its flushed rows.
+    kill_midway(wf, "results/regions/verified/*.parquet")
+    snakemake(wf, "--unlock")
+    logs = [p.read_text() for p in (wf / "results/logs/caption_scene").glob("*.log")]
+    assert any(re.search(r"'resumed_rows': [1-9]", log) for log in logs), logs
     planned = planned_outputs(wf)
     assert planned and (wf / "results/urls/summary.json") not in planned
     before = mtimes(wf)
