@@ -20,7 +20,8 @@ if spec.pop("task") == "retrieval":
         else evaluate_retrieval(model, transform, tokenizer, data)
     )
 else:
-    result = evaluate_classification(model, transform, tokenizer, load_imagefolder(spec["path"]))
+    data = load_imagefolder(spec["path"], name=name, classnames=spec.get("classnames", "folders"))
+    result = evaluate_classification(model, transform, tokenizer, data)
 result = {
     "run": snakemake.wildcards.run,
     "benchmark": name,

@@ -211,6 +211,20 @@ def test_load_imagefolder(tmp_path: Path) -> None:
         load_imagefolder(tmp_path / "nope")
 
 
+def test_imagefolder_class_names_from_a_file_or_imagenet(tmp_path: Path) -> None:
+    for wnid in ("n01440764", "n01443537"):
+        image(tmp_path / "val" / wnid / "x.JPEG")
+    names = tmp_path / "names.txt"
+    names.write_text("tench\ngoldfish\n")
+    assert load_imagefolder(tmp_path / "val", classnames=str(names)).classnames == [
+        "tench",
+        "goldfish",
+    ]
+    # ImageNet's 1,000 names need its 1,000 folders: a partial copy is named, not mislabelled.
+    with pytest.raises(ValueError, match="2 class folders .* but 1000 class names"):
+        load_imagefolder(tmp_path / "val", classnames="imagenet")
+
+
 # ---------------------------------------------------------------- metrics
 def test_identity_similarity_is_perfect_recall() -> None:
     assert recall_at_k(np.eye(12)) == {"R@1": 1.0, "R@5": 1.0, "R@10": 1.0}

@@ -62,7 +62,7 @@ def test_paper_config_builds_its_dag_without_reading_the_lists(workflow):
     )
     jobs = planned_jobs(workflow, "--configfile", "configs/paper.yaml")
     assert jobs["download"] == 1200 and jobs["shard_urls"] == 1 and jobs["stats"] == 1
-    assert jobs["train_clip"] == 2 and jobs["evaluate"] == 2 * 4 and jobs["tables"] == 1
+    assert jobs["train_clip"] == 2 and jobs["evaluate"] == 2 * 5 and jobs["tables"] == 1
     assert "demo_world" not in jobs
 
 

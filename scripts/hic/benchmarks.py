@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -209,8 +210,15 @@ def load_benchmark(name: str, spec: Mapping[str, Any]) -> RetrievalSet | None:
 
 
 # ---------------------------------------------------------------- classification loader
-def load_imagefolder(root: Path, *, name: str | None = None) -> ClassificationSet:
-    """ImageFolder layout root/<class>/*.{jpg,jpeg,png}; classes are the sorted folder names."""
+def load_imagefolder(
+    root: Path, *, name: str | None = None, classnames: str = "folders"
+) -> ClassificationSet:
+    """ImageFolder layout root/<class>/*.{jpg,jpeg,png}; classes in sorted folder order.
+
+    ``classnames``: "folders" names each class after its folder ("_" read as a space);
+    "imagenet" takes open_clip's ImageNet class names (for val/<wnid>/ folders, whose sorted
+    order is the standard class order); anything else is a text file, one name per line in
+    sorted folder order."""
     root = Path(root)
     name = name or root.name
     layout = f"{root}/<class>/*.jpg or *.png, one folder per class"
@@ -225,8 +233,19 @@ def load_imagefolder(root: Path, *, name: str | None = None) -> ClassificationSe
             raise ValueError(f"benchmark {name!r}: class folder {folder} holds no images")
         images += files
         labels += [label] * len(files)
-    classnames = [p.name.replace("_", " ") for p in folders]
-    return ClassificationSet(name, images, labels, classnames)
+    if classnames == "folders":
+        names = [p.name.replace("_", " ") for p in folders]
+    elif classnames == "imagenet":
+        names = list(IMAGENET_CLASSNAMES)
+    else:
+        names = [line.strip() for line in Path(classnames).read_text().splitlines()]
+        names = [n for n in names if n]
+    if len(names) != len(folders):
+        raise ValueError(
+            f"benchmark {name!r}: {len(folders)} class folders under {root} but {len(names)} "
+            f"class names from {classnames!r}"
+        )
+    return ClassificationSet(name, images, labels, names)
 
 
 # ---------------------------------------------------------------- metrics
