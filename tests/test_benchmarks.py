@@ -185,6 +185,14 @@ def test_missing_benchmark_names_its_layout_or_is_skipped(
     assert load_benchmark("bench", spec | {"path": str(path), "optional": True}) is None
 
 
+def test_a_benchmark_of_the_wrong_size_is_named(tmp_path: Path) -> None:
+    root = urban1k_folders(tmp_path / "u")
+    n = len(load_benchmark("urban1k", {"format": "urban1k", "path": str(root)}).images)
+    assert load_benchmark("urban1k", {"format": "urban1k", "path": str(root), "size": n})
+    with pytest.raises(ValueError, match=f"{n} image-caption pairs, expected 1000"):
+        load_benchmark("urban1k", {"format": "urban1k", "path": str(root), "size": 1000})
+
+
 def test_optional_benchmark_with_missing_images_still_fails(tmp_path: Path) -> None:
     root = urban1k_json(tmp_path / "u")
     (root / "images" / "a.jpg").unlink()

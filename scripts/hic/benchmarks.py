@@ -202,11 +202,17 @@ def load_benchmark(name: str, spec: Mapping[str, Any]) -> RetrievalSet | None:
             f"{sorted(LOADERS)}"
         )
     try:
-        return LOADERS[spec["format"]](name, spec)
+        data = LOADERS[spec["format"]](name, spec)
     except BenchmarkMissing:
         if spec.get("optional", False):
             return None
         raise
+    if spec.get("size") and len(data.images) != spec["size"]:
+        raise ValueError(
+            f"benchmark {name!r} at {spec['path']}: {len(data.images)} image-caption pairs, "
+            f"expected {spec['size']}: an incomplete or different copy (fix it, or change size)"
+        )
+    return data
 
 
 # ---------------------------------------------------------------- classification loader
