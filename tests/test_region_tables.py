@@ -2,7 +2,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hic.region_tables import PROPOSAL_SCHEMA, image_groups, read_rows, write_groups
+from hic.region_tables import (
+    PROPOSAL_SCHEMA,
+    check_complete,
+    image_groups,
+    read_rows,
+    write_groups,
+)
 
 
 def proposal(key, label):
@@ -39,3 +45,12 @@ def test_write_groups_of_nothing_is_an_empty_table(tmp_path):
     assert write_groups([], PROPOSAL_SCHEMA, tmp_path / "o.parquet") == (0, 0)
     table = pq.read_table(tmp_path / "o.parquet")
     assert table.num_rows == 0 and table.schema == PROPOSAL_SCHEMA
+
+
+def test_check_complete_names_the_images_that_lost_regions():
+    before = [{"key": "a"}, {"key": "b"}, {"key": "b"}]
+    check_complete(before, [{"key": "a"}, {"key": "b"}, {"key": "b"}], "stage")
+    with pytest.raises(
+        RuntimeError, match=r"3 regions in, 1 out \(images without their regions: b\)"
+    ):
+        check_complete(before, [{"key": "a"}], "caption_regions")

@@ -110,9 +110,13 @@ def image_sizes(status: Path) -> dict[str, dict]:
 
 
 def check_complete(before: list[dict], after: list[dict], stage: str) -> None:
-    """A stage returns exactly one row per region it was given."""
+    """A stage returns exactly one row per region it was given; the error names the images
+    whose regions went missing."""
     if len(before) != len(after):
+        lost = sorted({r["key"] for r in before} - {r["key"] for r in after})
+        shown = ", ".join(lost[:5]) + (f" and {len(lost) - 5} more" if len(lost) > 5 else "")
         raise RuntimeError(
-            f"{stage}: {len(before)} regions in, {len(after)} out; an image in the tar "
-            "may no longer decode (re-run download for this shard)"
+            f"{stage}: {len(before)} regions in, {len(after)} out (images without their "
+            f"regions: {shown or 'none; rows were duplicated'}); an image in the tar may no "
+            "longer decode (re-run download for this shard)"
         )
