@@ -10,7 +10,9 @@ rule caption_scene:
         scene="results/scene/{shard}.parquet",
     params:
         model=lookup(dpath="models/vlm", within=config),
-        settings=lookup(dpath="caption_scene", within=config),
+        # flush_every only decides how often progress is saved: not a param, so changing it
+        # re-captions nothing (the script reads it from the config).
+        settings={k: v for k, v in config["caption_scene"].items() if k != "flush_every"},
     log:
         "results/logs/caption_scene/{shard}.log",
     benchmark:

@@ -5,6 +5,7 @@ rule demo_world:
         urls=DEMO_URLS,
         reference="results/demo/reference.parquet",
         images=directory("results/demo/images"),
+        broken=directory("results/demo/broken"),
         benchmark=directory("results/demo/benchmark"),
         classify=directory("results/demo/classify"),
         summary="results/demo/summary.json",

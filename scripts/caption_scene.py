@@ -7,7 +7,9 @@ from hic.runlog import to_log
 from hic.vlm import make_backend
 
 log = to_log(snakemake.log[0])
-settings = CaptionSettings(**snakemake.params.settings)
+settings = CaptionSettings(
+    **snakemake.params.settings, flush_every=snakemake.config["caption_scene"]["flush_every"]
+)
 model = snakemake.params.model
 backend = make_backend(
     settings.backend,

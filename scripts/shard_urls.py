@@ -12,6 +12,8 @@ summary = shard_url_lists(
     schemes=snakemake.params.schemes,
     columns=snakemake.params.columns,
     temp_dir=Path(snakemake.resources.tmpdir) / "hic_shard_urls",
+    threads=snakemake.threads,
+    memory_mb=snakemake.resources.get("mem_mb"),
 )
 write_summary(summary, Path(snakemake.output.summary))
 stamp_outputs(snakemake)

@@ -10,6 +10,8 @@ tables = download_stats(
     [Path(p) for p in snakemake.input.status],
     quantiles=params.quantiles,
     top_errors=params.top_errors,
+    threads=snakemake.threads,
+    memory_mb=snakemake.resources.get("mem_mb"),
 )
 for name in ["status", "errors", "image_sizes", "alt_text_words"]:
     tables[name].to_csv(out[name], index=False)

@@ -136,6 +136,11 @@ def test_changing_a_stats_parameter_reruns_stats_only(tiny_run):
     assert jobs == {"stats": 1, "all": 1}
 
 
+def test_changing_how_often_captioning_saves_progress_reruns_nothing(tiny_run):
+    (tiny_run / "flush.yaml").write_text("caption_scene: {flush_every: 7}\n")
+    assert planned_jobs(tiny_run, "--configfile", "tiny.yaml", "flush.yaml") == {}
+
+
 PER_SHARD_AFTER_SCENE = [
     "propose_regions",
     "select_regions",

@@ -335,6 +335,15 @@ def caption_shard(
         store.write(pending)
 
     captioned = {r["key"]: r for r in store.read().to_pylist()}
+    extra = set(captioned) - {d["key"] for d in downloads if d["status"] == "success"}
+    if extra:  # the tar and its status table disagree: say so rather than drop them quietly
+        log.warning(
+            "%s: %d images in the tar are not successes in %s, left out: %s",
+            tar,
+            len(extra),
+            status,
+            sorted(extra)[:5],
+        )
     rows = []
     for d in downloads:
         if d["status"] == "success":

@@ -24,6 +24,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hic.duck import connect
+
 #: Columns of every ``results/urls/{shard}.parquet``.
 SHARD_SCHEMA = pa.schema(
     [
@@ -228,13 +230,16 @@ def shard_url_lists(
     schemes: Sequence[str] = ("http", "https"),
     columns: Mapping[str, Sequence[str]] = DEFAULT_COLUMNS,
     temp_dir: Path | None = None,
+    threads: int | None = None,
+    memory_mb: int | None = None,
 ) -> dict:
     """Write ``out_dir/{shard}.parquet`` for every shard, ``rejected.parquet`` and return a summary.
 
     A row is rejected (kept, with a reason) when it does not parse (csv/tsv; its caption
     holds "line N: <text>"), its url is empty, has no ``scheme:`` or a scheme not in
     ``schemes``, or repeats an earlier url (the first occurrence, in file then row order, is
-    kept). ``temp_dir`` holds DuckDB's database so large lists spill to disk.
+    kept). ``temp_dir`` holds DuckDB's database so large lists spill to disk; ``threads`` and
+    ``memory_mb`` bound DuckDB to the job's allocation (``hic.duck``).
     """
     paths = [Path(p) for p in paths]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -243,7 +248,7 @@ def shard_url_lists(
         temp_dir.mkdir(parents=True, exist_ok=True)
         db = str(temp_dir / "shard_urls.duckdb")
         Path(db).unlink(missing_ok=True)
-    con = duckdb.connect(db)
+    con = connect(db, threads=threads, memory_mb=memory_mb)
     try:
         _load(con, paths, {**DEFAULT_COLUMNS, **columns})
         con.execute(

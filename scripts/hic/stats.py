@@ -17,6 +17,8 @@ matplotlib.use("Agg")  # files only; no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from hic.duck import connect  # noqa: E402
+
 SIZE_COLUMNS = ["width", "height", "original_width", "original_height"]
 
 
@@ -55,10 +57,16 @@ def _fold_tail(errors: pd.DataFrame, top: int) -> pd.DataFrame:
 
 
 def download_stats(
-    status_files: Sequence[Path], *, quantiles: Sequence[float], top_errors: int
+    status_files: Sequence[Path],
+    *,
+    quantiles: Sequence[float],
+    top_errors: int,
+    threads: int | None = None,
+    memory_mb: int | None = None,
 ) -> dict[str, pd.DataFrame]:
-    """Tables over all shards' status parquet files (see ``hic.download.STATUS_SCHEMA``)."""
-    con = duckdb.connect()
+    """Tables over all shards' status parquet files (see ``hic.download.STATUS_SCHEMA``);
+    DuckDB is bounded to ``threads`` and ``memory_mb`` (``hic.duck``)."""
+    con = connect(threads=threads, memory_mb=memory_mb)
     con.execute(f"CREATE VIEW s AS SELECT * FROM {_scan(status_files)}")
     tables = {
         "status": con.execute(
