@@ -14,6 +14,7 @@ from hic.propose_regions import (
     Detector,
     ProposeSettings,
     caption_objects,
+    image_proposals,
     propose_shard,
     surface_forms,
     to_original,
@@ -122,6 +123,26 @@ def test_propose_shard_boxes_are_in_original_pixels(models, tmp_path):
         assert x + w <= 120 + 1e-6 and y + h <= 80 + 1e-6  # original size, not the stored 60x40
         assert r["kind"] == ("background" if r["label"] in VOCAB["stuff"] else "foreground")
     assert any(r["bbox"][0] + r["bbox"][2] > 60 or r["bbox"][1] + r["bbox"][3] > 40 for r in rows)
+
+
+def test_sam_masks_for_background_take_the_detected_background_name(models):
+    _, sam = models
+    pixels = np.zeros((72, 96, 3), np.uint8)
+    pixels[:36], pixels[36:] = (120, 170, 235), (60, 150, 50)  # sky over grass
+    image = Image.fromarray(pixels)
+    settings = ProposeSettings(**{**TINY.__dict__, "points_per_side": 8})
+    sky = [{"label": "sky", "bbox": [0.0, 0.0, 96.0, 36.0], "score": 0.4}]
+    rows = image_proposals(image, sky, {"sky"}, sam, settings)
+    auto = [r for r in rows if r["source"] == "sam_auto"]
+    assert auto, rows
+    for r in auto:
+        assert (r["label"], r["kind"], r["score"]) == ("sky", "background", 0.4)
+        x, y, w, h = r["bbox"]
+        assert 0 < r["mask_area"] <= w * h and x + w <= 96 and y + h <= 72
+    # No detected background name, no automatic masks: a mask needs a label.
+    assert all(
+        r["source"] != "sam_auto" for r in image_proposals(image, [], {"sky"}, sam, settings)
+    )
 
 
 def test_fallback_none_skips_images_whose_caption_names_nothing(models, tmp_path):
