@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from hic.assemble import REGION_TYPE, RELEASE_SCHEMA, release_summary  # noqa: E402
 
 STATS = yaml.safe_load((REPO / "config.yaml").read_text())["stats"]
-GENERATOR = 1  # bump when the generated data changes, so cached releases are regenerated
+GENERATOR = 2  # bump when the generated data changes, so cached releases are regenerated
 
 COMMON = (
     "a an the of in on at with and near under over behind beside its his her their this that "
@@ -171,6 +171,7 @@ def release_shard(index: int, rows: int, first_key: int) -> pa.Table:
             "short_caption": pool.texts(rng, short),
             "long_caption": pool.texts(rng, long),
             "regions": regions,
+            "regions_note": pa.array(np.where(counts == 0, "no proposal", None), pa.string()),
             "scene_status": status,
             "scene_model": pa.repeat("Qwen/Qwen2.5-VL-7B-Instruct", rows),
             "scene_model_revision": pa.repeat("cc594898", rows),

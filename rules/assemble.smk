@@ -2,6 +2,7 @@ rule assemble:
     input:
         status="results/images/{shard}.parquet",
         scene="results/scene/{shard}.parquet",
+        proposals="results/regions/proposals/{shard}.parquet",
         regions="results/regions/refined/{shard}.parquet",
         code=library("assemble"),
     output:

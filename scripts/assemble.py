@@ -9,6 +9,7 @@ inp = snakemake.input
 summary = assemble_shard(
     Path(inp.status),
     Path(inp.scene),
+    Path(inp.proposals),
     Path(inp.regions),
     Path(snakemake.output.release),
     Path(snakemake.output.summary),

@@ -17,6 +17,7 @@ from hic.assemble import (
 from hic.caption_scene import SCENE_SCHEMA
 from hic.dataset_stats import dataset_stats, summary_dict
 from hic.download import STATUS_SCHEMA
+from hic.region_tables import PROPOSAL_SCHEMA
 
 PROVENANCE = {"verify_labels": {"model": "tiny-llm", "prompt_hash": "abc123"}}
 TINY = {"models": {"vlm": {"id": "resources/models/tiny-qwen2_5_vl", "revision": None}}}
@@ -118,13 +119,21 @@ def inputs(tmp_path):
         "status": write(tmp_path / "status.parquet", STATUS_SCHEMA, STATUS),
         "scene": write(tmp_path / "scene.parquet", SCENE_SCHEMA, SCENES),
         "regions": write(tmp_path / "regions.parquet", REGION_COLUMNS, REGIONS),
+        "proposals": proposals(tmp_path / "proposals.parquet", ["a", "a", "d", "a"]),
     }
+
+
+def proposals(path, keys):
+    rows = [{"key": k, "label": "x", "bbox": [0.0, 0.0, 1.0, 1.0]} for k in keys]
+    pq.write_table(pa.Table.from_pylist(rows, schema=PROPOSAL_SCHEMA), path)
+    return path
 
 
 def run(inputs, out):
     return assemble_shard(
         inputs["status"],
         inputs["scene"],
+        inputs["proposals"],
         inputs["regions"],
         out,
         out.parent.parent / "summary" / out.name,
@@ -153,8 +162,19 @@ def test_one_row_per_downloaded_image_in_status_order(release):
         "images": 3,
         "regions": 4,
         "images_without_regions": 1,
+        "regions_notes": {"no proposal": 1},
         "scene_status": {"ok": 2, "unparsed": 1},
     }
+
+
+def test_an_image_without_regions_says_why(inputs, release, tmp_path):
+    rows = {r["key"]: r for r in pq.read_table(release[0]).to_pylist()}
+    assert {k: rows[k]["regions_note"] for k in "dac"} == {"d": None, "a": None, "c": "no proposal"}
+    # Proposed, then every proposal filtered out by select_regions.
+    inputs["proposals"] = proposals(tmp_path / "p2.parquet", ["a", "c", "d"])
+    out = tmp_path / "again" / "00000.parquet"
+    assert run(inputs, out)["regions_notes"] == {"none selected": 1}
+    assert pq.read_table(out)["regions_note"].to_pylist() == [None, None, "none selected"]
 
 
 def test_regions_ordered_foreground_first_then_rank(release):
@@ -230,6 +250,7 @@ def test_summary_holds_exact_histograms_and_counts(release):
         ("provenance", key, None, 3, None),
         ("region_kind", "background", None, 1, None),
         ("region_kind", "foreground", None, 3, None),
+        ("regions_note", "no proposal", None, 1, None),
         *[("regions_per_image", None, n, 1, None) for n in (0, 1, 3)],
         ("scene_status", "ok", None, 2, None),
         ("scene_status", "unparsed", None, 1, None),
@@ -263,6 +284,7 @@ def test_shard_where_nothing_downloaded(inputs, tmp_path):
         "images": 0,
         "regions": 0,
         "images_without_regions": 0,
+        "regions_notes": {},
         "scene_status": {},
     }
     assert pq.read_table(out).num_rows == 0

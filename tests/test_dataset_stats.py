@@ -312,6 +312,9 @@ def row_level_stats(files, quantiles, top_labels):
         "label_sources": counts("label_source", "region_rows"),
         "caption_sources": counts("caption_source", "region_rows"),
         "scene_status": counts("scene_status", "release"),
+        "regions_notes": counts(
+            "regions_note", "(SELECT * FROM release WHERE regions_note IS NOT NULL)"
+        ),
         "provenance": con.execute(
             "SELECT scene_model, scene_model_revision, scene_prompt_hash, region_provenance, "
             "code_version, count(*) AS images FROM release GROUP BY ALL ORDER BY images DESC"
@@ -353,6 +356,8 @@ def generated_release(rng, n_images, max_regions):
         # provenance groups of 60%, 30% and 10% of the rows: distinct counts, so a fixed order
         group = 0 if i % 10 < 6 else 1 if i % 10 < 9 else 2
         r["code_version"] = f"v{group}"
+        if not regions:
+            r["regions_note"] = str(rng.choice(["no proposal", "none selected"]))
         r["scene_model_revision"] = None if group == 1 else "rev"
         rows.append(r)
     return rows

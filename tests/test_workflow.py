@@ -239,6 +239,9 @@ def test_tiny_run_writes_the_release_with_a_status_for_every_region(tiny_run):
         assert g["label_source"] in ("accurate", "corrected", "unparsed")
         assert g["caption_source"] in ("llm", "fallback", "failed")
         assert (g["caption"] is None) == (g["caption_source"] == "failed")
+    for r in release:  # an image without regions says why, and only such an image
+        assert (r["regions_note"] is None) == bool(r["regions"])
+        assert r["regions_note"] in (None, "no proposal", "none selected")
     card = (tiny_run / "results/dataset/README.md").read_text()
     assert "data_files" in card and f"Images: {len(release)}" in card
     summary = json.loads((tiny_run / "results/stats/dataset_summary.json").read_text())

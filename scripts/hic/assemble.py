@@ -71,6 +71,13 @@ RELEASE_SCHEMA = pa.schema(
             pa.list_(REGION_TYPE),
             "key regions, foreground first, each in rank order; empty when none was found",
         ),
+        _field(
+            "regions_note",
+            pa.string(),
+            "why regions is empty: 'no proposal' (the detector found none of the candidate "
+            "names, or the image did not decode) or 'none selected' (every proposal was "
+            "filtered out); null when there are regions",
+        ),
         _field("scene_status", pa.string(), "scene captioning: ok, unparsed or failed"),
         _field("scene_model", pa.string(), "scene captioning model id"),
         _field("scene_model_revision", pa.string(), "its revision (null for a local folder)"),
@@ -184,6 +191,7 @@ def _region_lists(regions: Path, keys: pa.Array) -> tuple[pa.ListArray, pa.ListA
 #:   one shard only, so images add up across shards);
 #: - ``region_kind``, ``label_source``, ``caption_source``: key = the region field, count = regions;
 #: - ``scene_status``: key = the status, count = images;
+#: - ``regions_note``: key = why an image has no region, count = images;
 #: - ``provenance``: key = JSON object of the five provenance columns (``scene_model`` to
 #:   ``code_version``), count = images.
 SUMMARY_SCHEMA = pa.schema(
@@ -213,6 +221,8 @@ UNION ALL SELECT 'label_source', r.label_source, NULL, count(*), NULL FROM regio
 UNION ALL SELECT 'caption_source', r.caption_source, NULL, count(*), NULL FROM region_rows
     GROUP BY ALL
 UNION ALL SELECT 'scene_status', scene_status, NULL, count(*), NULL FROM release GROUP BY ALL
+UNION ALL SELECT 'regions_note', regions_note, NULL, count(*), NULL FROM release
+    WHERE regions_note IS NOT NULL GROUP BY ALL
 UNION ALL SELECT 'provenance', to_json({
         'scene_model': scene_model, 'scene_model_revision': scene_model_revision,
         'scene_prompt_hash': scene_prompt_hash, 'region_provenance': region_provenance,
@@ -234,6 +244,7 @@ def release_summary(release: pa.Table) -> pa.Table:
 def assemble_shard(
     status: Path,
     scene: Path,
+    proposals: Path,
     regions: Path,
     out: Path,
     summary: Path,
@@ -244,14 +255,22 @@ def assemble_shard(
     """Write the release rows of one shard to ``out`` and their ``release_summary`` to
     ``summary``; return a count summary.
 
-    One row per downloaded image, in status-table order. Raises ``AssembleError`` when the
-    scene table lacks a downloaded key or the regions name a key that did not download.
+    One row per downloaded image, in status-table order; ``proposals`` (the propose_regions
+    table) tells an image nothing was proposed for from one whose proposals were all filtered
+    out. Raises ``AssembleError`` when the scene table lacks a downloaded key or the regions
+    name a key that did not download.
     """
     images = _downloaded(status)
     keys = images["key"].combine_chunks()
     captions = _scene_rows(scene, keys)
     region_lists, region_words, counts = _region_lists(regions, keys)
     n = len(keys)
+    proposed = pc.is_in(keys, value_set=pq.read_table(proposals, columns=["key"])["key"])
+    notes = pc.if_else(
+        pa.array(counts > 0),
+        pa.nulls(n, pa.string()),
+        pc.if_else(proposed, "none selected", "no proposal"),
+    )
     table = pa.table(
         {
             "key": keys,
@@ -261,6 +280,7 @@ def assemble_shard(
             "short_caption": captions["short_caption"],
             "long_caption": captions["long_caption"],
             "regions": region_lists,
+            "regions_note": notes,
             "scene_status": captions["status"],
             "scene_model": captions["model_id"],
             "scene_model_revision": captions["model_revision"],
@@ -281,6 +301,7 @@ def assemble_shard(
         "images": n,
         "regions": int(counts.sum()),
         "images_without_regions": int((counts == 0).sum()),
+        "regions_notes": dict(Counter(notes.drop_null().to_pylist())),
         "scene_status": dict(Counter(captions["status"].to_pylist())),
     }
 
@@ -386,7 +407,9 @@ def dataset_card(summary: dict, config: dict) -> str:
         "",
         f"- Images: {summary['images']}",
         f"- Regions: {summary['regions']} ({summary['regions_per_image']:.2f} per image; "
-        f"{summary['images_without_regions']} images without regions)",
+        f"{summary['images_without_regions']} images without regions"
+        + (f": {_counts_text(summary['regions_notes'])}" if summary.get("regions_notes") else "")
+        + ")",
         f"- Regions by kind: {_counts_text(summary['region_kinds'])}",
         f"- Label vocabulary: {summary['label_vocabulary']} distinct labels; most frequent: "
         f"{_counts_text(summary['top_labels'])}",

@@ -125,6 +125,7 @@ def dataset_stats(
         "label_sources": _counts(con, "label_source", "label_source"),
         "caption_sources": _counts(con, "caption_source", "caption_source"),
         "scene_status": _counts(con, "scene_status", "scene_status"),
+        "regions_notes": _counts(con, "regions_note", "regions_note"),
         "provenance": con.execute(
             f"SELECT {_PROVENANCE}, count AS images FROM merged WHERE measure = 'provenance' "
             "ORDER BY images DESC, key"
@@ -206,6 +207,7 @@ def summary_dict(tables: dict[str, pd.DataFrame]) -> dict:
         "label_sources": _as_dict(tables["label_sources"], "label_source"),
         "caption_sources": _as_dict(tables["caption_sources"], "caption_source"),
         "scene_status": _as_dict(tables["scene_status"], "scene_status"),
+        "regions_notes": _as_dict(tables["regions_notes"], "regions_note"),
         "caption_words": {
             kind: {
                 "captions": int(words.loc[kind, "n"]),
@@ -254,6 +256,7 @@ def summary_markdown(tables: dict[str, pd.DataFrame]) -> str:
         ("label_sources", "Label verification outcomes"),
         ("caption_sources", "Region caption refinement paths"),
         ("scene_status", "Scene caption status"),
+        ("regions_notes", "Images without regions, by reason"),
         ("region_recall", "Region recall and precision against the reference boxes"),
     ]:
         if name in tables:  # region_recall needs reference annotations (the demo world)
