@@ -264,7 +264,8 @@ def caption_or_isolate(
             for item in batch
             for row in caption_or_isolate(backend, [item], prompts, settings, provenance)
         ]
-        if all(r["reason"] and r["reason"].startswith("generation failed") for r in rows):
+        # Alone, an image either gets a caption_batch row (ok or unparsed) or fails.
+        if all(r["status"] == "failed" for r in rows):
             raise err
         return rows
 

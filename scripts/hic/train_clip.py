@@ -335,7 +335,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def input_identity(paths: list[Path]) -> str:
     """Path, size and modification time of every input, hashed: it changes when Snakemake
     rewrites an input, and costs no read of the (at paper scale, terabytes of) data."""
-    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(map(Path, paths))]
+    stats = []
+    for path in sorted(map(Path, paths)):
+        stat = path.stat()
+        stats.append((str(path), stat.st_size, stat.st_mtime_ns))
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
