@@ -1,7 +1,8 @@
 import pyarrow as pa
 import pytest
 
-from hic.text import text_problem, word_counts
+from hic.text import text_problem
+from hic.words import word_counts
 
 
 def test_word_counts_handles_blank_null_and_runs_of_whitespace():

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hic.text import word_counts
+from hic.words import word_counts
 
 KIND_ORDER = ("foreground", "background")
 

@@ -1,20 +1,8 @@
-"""Text checks shared by the caption stages, and measures computed once per row upstream so
-global statistics only aggregate."""
+"""Text checks shared by the caption stages."""
 
 from __future__ import annotations
 
 import unicodedata
-
-import pyarrow as pa
-import pyarrow.compute as pc
-
-
-def word_counts(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """Whitespace-separated words per text; null and blank texts count 0 (int32)."""
-    trimmed = pc.utf8_trim_whitespace(pc.fill_null(texts, ""))
-    counts = pc.list_value_length(pc.split_pattern_regex(trimmed, r"\s+"))
-    blank = pc.equal(pc.utf8_length(trimmed), 0)
-    return pc.if_else(blank, 0, counts).cast(pa.int32())
 
 
 def text_problem(text: str) -> str | None:
