@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE := disabled
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test lint install clean cost
+.PHONY: run test lint install clean cost retry-downloads
 
 $(VENV)/.installed: requirements.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,13 @@ test: lint
 COST ?= --images 12000000 --gpus 64 --cpu-jobs 32 --shard-size 10000
 cost: install
 	PYTHONPATH=scripts $(BIN)/python -m hic.cost $(COST)
+
+# `make retry-downloads`: download the transient failures (timeouts, 5xx, dropped connections)
+# of a finished run again, nothing else; the next `make run` carries the new images through the
+# later stages of the shards that gained some. RETRY names the config files the run used.
+RETRY ?= --configfile config.yaml
+retry-downloads: install
+	PYTHONPATH=scripts $(BIN)/python -m hic.retry_downloads $(RETRY)
 
 clean:
 	rm -rf results .snakemake

@@ -22,6 +22,7 @@ from hic.download import (
     rekey_tar,
     status_table,
 )
+from hic.retry_downloads import RETRIES_KEY, retry_shard, transient
 from hic.shard_urls import shard_url_lists, url_key
 
 TIMEOUT = 3  # seconds; /slow sleeps past it (generous: a busy CI machine is slow)
@@ -37,6 +38,8 @@ GOOD = jpeg((200, 30, 30))
 
 
 class Handler(BaseHTTPRequestHandler):
+    seen: set[str] = set()  # /flaky/* paths already asked for once
+
     def log_message(self, *args):  # keep test output quiet
         pass
 
@@ -70,6 +73,10 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(302, headers=[("Location", "/good/target")])
         elif path == "/loop":
             self.reply(302, headers=[("Location", "/loop")])
+        elif path.startswith("/flaky/"):  # 503 the first time, the image afterwards
+            first = path not in Handler.seen
+            Handler.seen.add(path)
+            self.reply(503, b"busy", "text/plain") if first else self.reply(200, GOOD)
         elif path == "/optout":
             self.reply(200, GOOD, headers=[("X-Robots-Tag", "noai")])
         else:
@@ -257,3 +264,67 @@ def test_rekeyed_tar_is_the_same_whatever_order_the_downloads_finished(tmp_path)
     with tarfile.open(tmp_path / "out0.tar") as tar:
         assert tar.getnames() == ["a1.jpg", "a1.txt", "b2.jpg", "b2.txt", "c3.jpg", "c3.txt"]
     assert len({(tmp_path / f"out{n}.tar").read_bytes() for n in range(3)}) == 1
+
+
+def test_retry_fetches_only_transient_failures_and_merges_them(server, tmp_path):
+    paths = ["/good/a", "/flaky/1", "/404", "/flaky/2", "/good/b", "/html"]
+    urls = [server + p for p in paths]
+    pq.write_table(pa.table({"url": urls, "caption": ["alt"] * 6}), tmp_path / "list.parquet")
+    shard_url_lists([tmp_path / "list.parquet"], tmp_path / "urls", 1)
+    out = tmp_path / "images"
+    out.mkdir()
+    files = out / "00000.tar", out / "00000.parquet", out / "00000_stats.json"
+    settings = DownloadSettings(timeout=TIMEOUT, retries=0, thread_count=4)
+    download_shard(tmp_path / "urls/00000.parquet", *files, settings, work_dir=tmp_path / "w1")
+    before = {r["url"]: r for r in pq.read_table(files[1]).to_pylist()}
+    assert before[server + "/flaky/1"]["error_type"] == "http_503"
+    pq.write_table(  # the stamped provenance must survive the retry
+        pq.read_table(files[1]).replace_schema_metadata({"hic.provenance": "{}"}), files[1]
+    )
+    with tarfile.open(files[0]) as t:
+        old_members = {m.name: t.extractfile(m).read() for m in t}
+
+    summary = retry_shard(*files, settings, tmp_path / "w2")
+    assert summary == {"shard": "00000", "retried": 2, "recovered": 2}
+    table = pq.read_table(files[1])
+    assert table.schema.metadata[b"hic.provenance"] == b"{}"
+    assert json.loads(table.schema.metadata[RETRIES_KEY])[0]["recovered"] == 2
+    after = {r["url"]: r for r in table.to_pylist()}
+    assert [r["url"] for r in table.to_pylist()] == list(before)  # the same rows, in order
+    assert {p: after[server + p]["status"] for p in paths} == {
+        "/good/a": "success",
+        "/flaky/1": "success",
+        "/404": "failed_to_download",  # final: not retried
+        "/flaky/2": "success",
+        "/good/b": "success",
+        "/html": "failed_to_resize",
+    }
+    with tarfile.open(files[0]) as t:
+        names = t.getnames()
+        members = {m.name: t.extractfile(m).read() for m in t}
+    assert names == sorted(names, key=lambda n: (n.partition(".")[0], n))  # key order
+    assert {k: members[k] for k in old_members} == old_members  # successes kept as they were
+    successes = {r["key"] for r in after.values() if r["status"] == "success"}
+    assert {n.partition(".")[0] for n in names} == successes
+    stats = json.loads(files[2].read_text())
+    assert stats["status"]["success"] == 4 and stats["samples_in_tar"] == 4
+    assert retry_shard(*files, settings, tmp_path / "w3")["retried"] == 0  # nothing left
+
+
+def test_transient_failures_are_server_and_network_errors():
+    status = pa.table(
+        {
+            "status": ["failed_to_download"] * 7 + ["success"],
+            "error_type": [
+                "timeout",
+                "http_503",
+                "http_404",
+                "connection_closed",
+                "opt_out",
+                "dns",
+                "http_429",
+                None,
+            ],
+        }
+    )
+    assert transient(status) == [0, 1, 3, 5, 6]

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hic.text import word_counts
+from hic.words import word_counts
 
 #: Columns of ``results/images/{shard}.parquet``: one row per input URL.
 STATUS_SCHEMA = pa.schema(
@@ -189,32 +189,17 @@ def download_shard(
     settings: DownloadSettings,
     work_dir: Path,
 ) -> dict:
-    """Download every URL of ``urls`` (a shard_urls output) into ``tar``/``status``/``stats``."""
+    """Download every URL of ``urls`` (a shard_urls output) into ``tar``/``status``/``stats``.
+
+    ``work_dir`` holds img2dataset's own output until it is rewritten into ``tar``; it is
+    emptied first (leftovers of a killed attempt) and removed afterwards, failed or not."""
     expected = pq.read_table(urls, columns=["key", "url", "caption"])
-    shutil.rmtree(work_dir, ignore_errors=True)  # leftovers of a killed attempt
+    shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
-    if expected.num_rows:
-        i2d_input = work_dir / "input.parquet"
-        pq.write_table(
-            pa.table(
-                {"url": expected["url"], "caption": expected["caption"], "hic_key": expected["key"]}
-            ),
-            i2d_input,
-        )
-        out = work_dir / "out"
-        _img2dataset(settings, i2d_input, out, expected.num_rows)
-        raw_parquet = out / "00000.parquet"
-        if not raw_parquet.exists():
-            raise DownloadError(f"img2dataset wrote no status table in {out}; see the log above")
-        raw = pq.read_table(raw_parquet)
-        table = status_table(raw, expected)
-        rename = dict(zip(raw["key"].to_pylist(), raw["hic_key"].to_pylist(), strict=True))
-        n_tar = rekey_tar(out / "00000.tar", tar, rename)
-    else:
-        table = STATUS_SCHEMA.empty_table()
-        with tarfile.open(tar, "w"):
-            pass
-        n_tar = 0
+    try:
+        table, n_tar = fetch_rows(expected, tar, settings, work_dir)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
     pq.write_table(table, status, compression="zstd")
     counts = pc.value_counts(table["status"]).to_pylist() if table.num_rows else []
     summary = {
@@ -224,5 +209,30 @@ def download_shard(
         "settings": asdict(settings),
     }
     stats.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    shutil.rmtree(work_dir)
     return summary
+
+
+def fetch_rows(
+    expected: pa.Table, tar: Path, settings: DownloadSettings, work_dir: Path
+) -> tuple[pa.Table, int]:
+    """(status table, samples in ``tar``) for the rows of ``expected`` (key, url, caption)."""
+    if not expected.num_rows:
+        with tarfile.open(tar, "w"):
+            pass
+        return STATUS_SCHEMA.empty_table(), 0
+    i2d_input = work_dir / "input.parquet"
+    pq.write_table(
+        pa.table(
+            {"url": expected["url"], "caption": expected["caption"], "hic_key": expected["key"]}
+        ),
+        i2d_input,
+    )
+    out = work_dir / "out"
+    _img2dataset(settings, i2d_input, out, expected.num_rows)
+    raw_parquet = out / "00000.parquet"
+    if not raw_parquet.exists():
+        raise DownloadError(f"img2dataset wrote no status table in {out}; see the log above")
+    raw = pq.read_table(raw_parquet)
+    table = status_table(raw, expected)
+    rename = dict(zip(raw["key"].to_pylist(), raw["hic_key"].to_pylist(), strict=True))
+    return table, rekey_tar(out / "00000.tar", tar, rename)
