@@ -1,4 +1,5 @@
 import argparse
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,6 +18,7 @@ from hic.cost import (
     shard_counts,
     stage_number,
     totals,
+    trained_samples,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,3 +171,27 @@ def test_cli_works_from_rates_alone_and_rejects_unknown_stages(pilot, capsys):
         main([*common, *missing, "--rate", "captoin=5"])
     with pytest.raises(SystemExit):
         main([*common, *missing])
+
+
+def test_training_is_priced_per_sample_and_epoch(pilot):
+    clip = pilot / "clip/hier"
+    clip.mkdir(parents=True)
+    (clip / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n\n')
+    (clip / "provenance.json").write_text(
+        json.dumps({"params": {"settings": {"batch_size": 10, "epochs": 2}}})
+    )
+    write_benchmark(pilot / "benchmarks/train_clip/hier.tsv", 60.0)  # 2 s per sample
+    trained = trained_samples(pilot / "clip")
+    assert trained == {"hier": (30, 2)}
+    counts = shard_counts(pilot / "images")
+    stages = pilot_stages(pilot / "benchmarks", counts, {"train_clip"}, trained)
+    stages = {s.name: s for s in stages}
+    assert stages["train_clip"] == Stage("train_clip", True, False, 1, 60.0, 30)
+    target = Target(1000, 100, 0.5, gpus=8, cpu_jobs=1, epochs=3, train_gpus=4)
+    (got,) = project([stages["train_clip"]], target, {}, {})
+    assert got.source == "per sample" and got.seconds_per_unit == 2.0
+    assert got.job_hours == pytest.approx(2.0 * 500 * 3 / 3600)  # 500 images x 3 epochs
+    assert got.wall_hours == pytest.approx(2.0 * 500 * 3 / 4 / 3600)  # over 4 GPUs
+    # Twice the images or epochs, twice the bill: it is not counted once any more.
+    doubled = Target(2000, 100, 0.5, gpus=8, cpu_jobs=1, epochs=3, train_gpus=4)
+    assert project([stages["train_clip"]], doubled, {}, {})[0].job_hours == 2 * got.job_hours

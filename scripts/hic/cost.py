@@ -15,8 +15,11 @@ target URL count, shard size and success rate:
 - the whole run lies between the stages overlapping perfectly (each pool busy all the time)
   and the stages running one after another.
 
-Global stages (one job or a few for the whole run: training, tables, ...) are counted once, as
-long as they took in the pilot. Per-job overhead such as model loading is spread over the
+Training (``train_clip``, one job per run) is priced per sample and epoch: its pilot seconds
+over the samples it trained (steps in ``results/clip/<run>/metrics.jsonl`` × its batch size),
+times the target's downloaded images × ``--epochs`` × runs, spread over ``--train-gpus`` GPUs
+a run (DDP, taken as scaling linearly). Other global stages (tables, stats, ...) are counted
+once, as long as they took in the pilot. Per-job overhead such as model loading is spread over the
 pilot's images, so a pilot with small shards overstates the per-image cost: pilot on one shard
 of the real size when the bill matters. ``--speedup stage=F`` (or ``gpu=F`` for every GPU
 stage) divides a stage's pilot seconds, e.g. when the pilot ran on CPU and the run will not.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import re
 import sys
@@ -38,6 +42,8 @@ import pyarrow.parquet as pq
 
 #: Stages whose unit of work is a URL; every other per-shard stage works per downloaded image.
 PER_URL = frozenset({"download"})
+#: Global stages priced per trained sample and epoch (one job per run).
+PER_SAMPLE = frozenset({"train_clip"})
 _SHARD = re.compile(r"\d{5}")
 _RULE = re.compile(r"^rule\s+(\w+)\s*:", re.MULTILINE)
 _NUMBER = re.compile(r"(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -65,6 +71,8 @@ class Target:
     success_rate: float
     gpus: int
     cpu_jobs: int
+    epochs: float = 1.0  # of each training run
+    train_gpus: int = 1  # GPUs per training run
 
     @property
     def shards(self) -> int:
@@ -76,7 +84,7 @@ class Projection:
     stage: str
     gpu: bool
     seconds_per_unit: float | None  # None for a global stage
-    source: str  # pilot | rate | once
+    source: str  # pilot | rate | per sample | once
     job_hours: float
     wall_hours: float
 
@@ -115,11 +123,29 @@ def shard_counts(status_dir: Path) -> dict[str, tuple[int, int]]:
     return counts
 
 
+def trained_samples(clip_dir: Path) -> dict[str, tuple[int, float]]:
+    """run -> (samples trained, epochs) of the pilot's training runs: the steps logged in
+    ``metrics.jsonl`` × the batch size in ``provenance.json`` (the run's params)."""
+    runs = {}
+    for metrics in sorted(clip_dir.glob("*/metrics.jsonl")):
+        provenance = metrics.with_name("provenance.json")
+        if not provenance.exists():
+            continue
+        settings = json.loads(provenance.read_text())["params"]["settings"]
+        steps = sum(1 for line in metrics.read_text().splitlines() if line.strip())
+        runs[metrics.parent.name] = (steps * settings["batch_size"], settings.get("epochs", 1))
+    return runs
+
+
 def pilot_stages(
-    bench_dir: Path, counts: Mapping[str, tuple[int, int]], gpu: set[str]
+    bench_dir: Path,
+    counts: Mapping[str, tuple[int, int]],
+    gpu: set[str],
+    trained: Mapping[str, tuple[int, float]] | None = None,
 ) -> list[Stage]:
     """One Stage per rule with benchmark files under ``bench_dir``; a rule whose every file
-    is ``<rule>/<shard>.tsv`` is per-shard, any other is global."""
+    is ``<rule>/<shard>.tsv`` is per-shard, any other is global. A training rule's units are
+    the samples its runs trained (``trained``: run -> (samples, epochs)), when known."""
     files: dict[str, list[Path]] = {}
     for path in sorted(bench_dir.rglob("*.tsv")):
         rule = path.relative_to(bench_dir).parts[0].removesuffix(".tsv")
@@ -135,6 +161,8 @@ def pilot_stages(
             units = sum(counts[s][0 if rule in PER_URL else 1] for s in shards)
             if units == 0:
                 raise ValueError(f"{rule}: its pilot shards hold no images to relate time to")
+        elif rule in PER_SAMPLE and trained and all(p.stem in trained for p in paths):
+            units = sum(trained[p.stem][0] for p in paths)
         seconds = sum(job_seconds(p) for p in paths)
         stages.append(Stage(rule, rule in gpu, per_shard, len(paths), seconds, units))
     return stages
@@ -158,6 +186,22 @@ def project(
     out = []
     for stage in stages:
         pool = target.gpus if stage.gpu else target.cpu_jobs
+        if not stage.per_shard and stage.units:  # training: per sample and epoch, each run
+            per_unit = stage.seconds / stage.units / factor(stage, speedup)
+            per_run = per_unit * target.urls * target.success_rate * target.epochs
+            gpus = target.train_gpus if stage.gpu else 1
+            rounds = math.ceil(stage.jobs * gpus / pool)
+            out.append(
+                Projection(
+                    stage.name,
+                    stage.gpu,
+                    per_unit,
+                    "per sample",
+                    per_run * stage.jobs / 3600,
+                    rounds * per_run / gpus / 3600,
+                )
+            )
+            continue
         if not stage.per_shard:
             seconds = stage.seconds / factor(stage, speedup)
             wall = seconds / min(stage.jobs, pool)
@@ -188,6 +232,10 @@ def rate_stages(rates: Mapping[str, float], gpu: set[str]) -> list[Stage]:
     return [Stage(name, name in gpu, True, 0, 0.0, 0) for name in rates]
 
 
+#: Projection sources of per-shard stages, which run in the GPU or CPU pool side by side.
+SCALED = frozenset({"pilot", "rate"})
+
+
 def totals(projections: Sequence[Projection], target: Target) -> dict[str, float]:
     """GPU-hours, CPU job-hours and the run's wall time between its two bounds."""
 
@@ -195,10 +243,10 @@ def totals(projections: Sequence[Projection], target: Target) -> dict[str, float
         return sum(
             p.job_hours
             for p in projections
-            if p.gpu == gpu and (per_shard is None or (p.source != "once") == per_shard)
+            if p.gpu == gpu and (per_shard is None or (p.source in SCALED) == per_shard)
         )
 
-    global_wall = sum(p.wall_hours for p in projections if p.source == "once")
+    global_wall = sum(p.wall_hours for p in projections if p.source not in SCALED)
     overlapped = max(hours(True, True) / target.gpus, hours(False, True) / target.cpu_jobs)
     return {
         "gpu_hours": hours(True),
@@ -223,14 +271,15 @@ def format_report(projections: Sequence[Projection], target: Target) -> str:
     """A markdown table of the projection and its totals."""
     lines = [
         f"{target.urls:,} URLs in {target.shards:,} shards of {target.shard_size:,}, "
-        f"{target.success_rate:.0%} downloaded; {target.gpus} GPUs, {target.cpu_jobs} CPU jobs",
+        f"{target.success_rate:.0%} downloaded; {target.gpus} GPUs, {target.cpu_jobs} CPU jobs; "
+        f"training {target.epochs:g} epochs on {target.train_gpus} GPU(s) a run",
         "",
         "| stage | runs on | seconds per unit | from | job-hours | wall hours |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     order = sorted(projections, key=lambda p: (p.source == "once", -p.job_hours))
     for p in order:
-        unit = "URL" if p.stage in PER_URL else "image"
+        unit = "URL" if p.stage in PER_URL else "sample-epoch" if p.stage in PER_SAMPLE else "image"
         per_unit = "-" if p.seconds_per_unit is None else f"{p.seconds_per_unit:.3g} / {unit}"
         lines.append(
             f"| {p.stage} | {'GPU' if p.gpu else 'CPU'} | {per_unit} | {p.source} | "
@@ -246,7 +295,7 @@ def format_report(projections: Sequence[Projection], target: Target) -> str:
     if any(p.source == "once" for p in projections):
         lines.append(
             "'once': a global stage, as long as it took in the pilot; it does not scale with "
-            "the URL count (train_clip trained on the pilot's data)"
+            "the URL count"
         )
     return "\n".join(lines)
 
@@ -269,6 +318,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--benchmarks", type=Path, default=Path("results/benchmarks"))
     parser.add_argument("--status", type=Path, default=Path("results/images"))
     parser.add_argument("--rules", type=Path, default=Path("rules"))
+    parser.add_argument("--clip", type=Path, default=Path("results/clip"))
+    parser.add_argument("--epochs", type=float, help="per training run (default: the pilot's)")
+    parser.add_argument("--train-gpus", type=int, default=1, help="GPUs per training run")
     parser.add_argument(
         "--speedup", nargs="+", action="extend", type=stage_number, default=[],
         metavar="STAGE=F", help="divide a stage's pilot seconds by F (gpu=F: every GPU stage)",
@@ -278,8 +330,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="STAGE=N", help="a per-shard stage's measured throughput, N units/s per job",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    if min(args.images, args.gpus, args.cpu_jobs, args.shard_size) < 1:
-        parser.error("--images, --gpus, --cpu-jobs and --shard-size must be at least 1")
+    if min(args.images, args.gpus, args.cpu_jobs, args.shard_size, args.train_gpus) < 1:
+        parser.error(
+            "--images, --gpus, --cpu-jobs, --shard-size and --train-gpus must be at least 1"
+        )
     if args.success_rate is not None and not 0 < args.success_rate <= 1:
         parser.error("--success-rate must be in (0, 1]")
     blocks = rule_blocks(p.read_text() for p in sorted(args.rules.glob("*.smk")))
@@ -288,13 +342,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"no rule named {unknown} in {args.rules}/*.smk")
     gpu = gpu_rules(blocks)
     counts = shard_counts(args.status) if args.status.is_dir() else {}
-    pilot = pilot_stages(args.benchmarks, counts, gpu) if args.benchmarks.is_dir() else []
+    trained = trained_samples(args.clip) if args.clip.is_dir() else {}
+    pilot = pilot_stages(args.benchmarks, counts, gpu, trained) if args.benchmarks.is_dir() else []
     stages = [s for s in pilot if s.name not in rates] + rate_stages(rates, gpu)
     if not stages:
         parser.error(f"no benchmark files under {args.benchmarks} and no --rate given")
     urls = sum(u for u, _ in counts.values())
     success = args.success_rate or (sum(d for _, d in counts.values()) / urls if urls else 1.0)
-    target = Target(args.images, args.shard_size, success, args.gpus, args.cpu_jobs)
+    epochs = args.epochs or max((e for _, e in trained.values()), default=1)
+    target = Target(
+        args.images, args.shard_size, success, args.gpus, args.cpu_jobs, epochs, args.train_gpus
+    )
     print(format_report(project(stages, target, speedup, rates), target))
 
 
