@@ -44,3 +44,4 @@ rule all:
 
 localrules:
     all,
+    url_source,

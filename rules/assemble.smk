@@ -4,11 +4,11 @@ rule assemble:
         scene="results/scene/{shard}.parquet",
         proposals="results/regions/proposals/{shard}.parquet",
         regions="results/regions/refined/{shard}.parquet",
-        code=library("assemble"),
     output:
         release="results/dataset/{shard}.parquet",
         summary="results/dataset_summary/{shard}.parquet",
     params:
+        code=code_version("assemble"),
         provenance=region_provenance(),
     log:
         "results/logs/assemble/{shard}.log",
@@ -24,10 +24,10 @@ rule assemble:
 rule dataset_card:
     input:
         summary="results/stats/dataset_summary.json",
-        code=library("dataset_card"),
     output:
         card=report("results/dataset/README.md", caption="../report/dataset_card.rst", category="Dataset"),
     params:
+        code=code_version("dataset_card"),
         models=lookup(dpath="models", within=config),
         provenance=region_provenance(),
     log:

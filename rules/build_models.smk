@@ -1,9 +1,9 @@
 rule build_tiny_model:
     input:
-        code=library("build_tiny_model"),
     output:
         model=directory("resources/models/tiny-{arch}"),
     params:
+        code=code_version("build_tiny_model"),
         seed=lookup(dpath="models/tiny_seed", within=config),
     log:
         "results/logs/build_tiny_model/{arch}.log",

@@ -5,14 +5,14 @@ rule caption_regions:
         status="results/images/{shard}.parquet",
         prompt="prompts/region_caption.txt",
         model=model_files("vlm"),
-        code=library("caption_regions"),
     output:
         regions="results/regions/captioned/{shard}.parquet",
     params:
+        code=code_version("caption_regions"),
         model=lookup(dpath="models/vlm", within=config),
         backend=lookup(dpath="caption_scene/backend", within=config),
         vlm=vlm_options(),
-        settings=lookup(dpath="caption_regions", within=config),
+        settings=science(config, "caption_regions"),
     log:
         "results/logs/caption_regions/{shard}.log",
     benchmark:

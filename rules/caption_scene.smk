@@ -5,14 +5,14 @@ rule caption_scene:
         short_prompt="prompts/scene_short.txt",
         long_prompt="prompts/scene_long.txt",
         model=model_files("vlm"),
-        code=library("caption_scene"),
     output:
         scene="results/scene/{shard}.parquet",
     params:
+        code=code_version("caption_scene"),
         model=lookup(dpath="models/vlm", within=config),
-        # flush_every only decides how often progress is saved: not a param, so changing it
-        # re-captions nothing (the script reads it from the config).
-        settings={k: v for k, v in config["caption_scene"].items() if k != "flush_every"},
+        # Speed settings (batch size, flush interval, engine arguments) are not params:
+        # changing one re-captions nothing (hic.speed; the script reads them from the config).
+        settings=science(config, "caption_scene"),
     log:
         "results/logs/caption_scene/{shard}.log",
     benchmark:

@@ -1,15 +1,29 @@
 # Helpers for the rules: shard list, URL lists.
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
-from hic.codebase import imports
+from hic.codebase import code_fingerprint
 from hic.demo_world import planned_url_rows
+from hic.digests import cached_digest
 from snakemake.exceptions import WorkflowError
 from hic.shard_urls import count_rows, shard_count, shard_name
+from hic.speed import SPEED, science
 
 
 DEMO_URLS = "results/demo/urls.parquet"
+
+# Jobs never reach the Hugging Face hub or update services: every model comes from a local
+# folder or the cache filled beforehand (README, "Models on a cluster"). Jobs inherit this
+# process's environment, locally and through SLURM; set HF_HUB_OFFLINE=0 to allow downloads.
+for _name, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "WANDB_MODE": "disabled",
+}.items():
+    os.environ.setdefault(_name, _value)
 
 
 def url_lists():
@@ -46,10 +60,10 @@ def model_files(role):
 
 
 def vlm_options():
-    """Image-size limits and vLLM engine arguments the region stages share with scene
-    captioning (the same model, loaded the same way)."""
+    """Image-size limits the region stages share with scene captioning (the same model, loaded
+    the same way). vLLM's engine arguments only change speed: scripts read them from the config."""
     scene = config["caption_scene"]
-    return {k: scene[k] for k in ("min_pixels", "max_pixels", "vllm")}
+    return {k: scene[k] for k in ("min_pixels", "max_pixels")}
 
 
 def demo_reference():
@@ -77,10 +91,12 @@ def region_provenance():
     """What produced the regions: models and revisions, prompts, settings."""
     keys = ["propose_regions", "select_regions", "verify_labels", "caption_regions",
             "refine_regions"]
+    settings = {k: science(config, k) for k in keys}
+    settings["propose_regions"]["settings"] = science(config, "propose_regions/settings")
     return {
         "models": {r: config["models"][r] for r in ("detector", "sam", "vlm")},
         "prompts": prompt_hashes(),
-        "settings": {k: config[k] for k in keys},
+        "settings": settings,
     }
 
 
@@ -122,9 +138,11 @@ EVALUATIONS = expand(
 
 
 def clip_settings(wildcards):
-    """A run's training settings: clip.defaults overlaid with the run's own keys."""
+    """A run's training settings: clip.defaults overlaid with the run's own keys, less those
+    that only change speed (hic.speed; the script reads them from the config)."""
     run = {k: v for k, v in CLIP_RUNS[wildcards.run].items() if k != "annotations"}
-    return {**config["clip"]["defaults"], **run}
+    merged = {**science(config, "clip/defaults"), **run}
+    return {k: v for k, v in merged.items() if k not in SPEED["clip/defaults"]}
 
 
 def clip_annotations(wildcards):
@@ -152,10 +170,25 @@ def benchmark_files(wildcards):
     return [path] if path.startswith("results/demo/") else []
 
 
-def library(stage):
-    """The library modules a stage's script imports, directly or through each other.
+def shard_source():
+    """What decides which URLs a shard holds: the URL lists' content (the demo world's list by
+    the settings and code that write it), the shard count and shard_urls' settings: the param
+    of the url_source stamp that shard_urls and download depend on."""
+    if DEMO:
+        lists = {"demo_world": config["demo_world"], "code": code_version("demo_world")}
+    else:
+        cache = Path(".snakemake/hic/url_list_digests.json")
+        lists = {p: cached_digest(Path(p), cache) for p in url_lists()}
+    return {
+        "lists": lists,
+        "shards": {**config["shards"], "count": len(SHARDS)},
+        "shard_urls": {k: v for k, v in config["shard_urls"].items() if k != "schemes"},
+        "schemes": url_schemes(),
+    }
 
-    Snakemake's code trigger sees only the script itself; as inputs, these make an edit to
-    scripts/hic/<name>.py re-run exactly the stages that use it."""
-    modules, _ = imports(Path(workflow.basedir) / "scripts" / f"{stage}.py")
-    return [str(m.relative_to(workflow.basedir)) for m in modules]
+
+def code_version(script):
+    """What scripts/<script>.py and the library modules it uses do (hic.codebase): a param, so a
+    behavioural edit re-runs the stage and its downstream, while a comment, a docstring, a
+    fresh checkout or an edit to logging and provenance stamping re-runs nothing."""
+    return code_fingerprint(Path(workflow.basedir) / "scripts" / f"{script}.py")

@@ -1,6 +1,5 @@
 rule demo_world:
     input:
-        code=library("demo_world"),
     output:
         urls=DEMO_URLS,
         reference="results/demo/reference.parquet",
@@ -10,6 +9,7 @@ rule demo_world:
         classify=directory("results/demo/classify"),
         summary="results/demo/summary.json",
     params:
+        code=code_version("demo_world"),
         world=lookup(dpath="demo_world", within=config),
     log:
         "results/logs/demo_world.log",

@@ -1,13 +1,16 @@
 rule download:
     input:
-        urls="results/urls/{shard}.parquet",
-        code=library("download"),
+        # ancient: a re-run of shard_urls alone (its code changed) does not re-crawl; a change
+        # of what the shards are made from reaches download through the url_source stamp.
+        urls=ancient("results/urls/{shard}.parquet"),
+        source=rules.url_source.output.source,
     output:
         tar="results/images/{shard}.tar",
         status="results/images/{shard}.parquet",
         stats="results/images/{shard}_stats.json",
     params:
-        settings=lookup(dpath="download", within=config),
+        code=code_version("download"),
+        settings=science(config, "download"),
     log:
         "results/logs/download/{shard}.log",
     benchmark:

@@ -2,10 +2,10 @@ rule evaluate:
     input:
         model="results/clip/{run}/model.pt",
         data=benchmark_files,
-        code=library("evaluate"),
     output:
         result="results/eval/{run}/{benchmark}.json",
     params:
+        code=code_version("evaluate"),
         spec=benchmark_spec,
     log:
         "results/logs/evaluate/{run}/{benchmark}.log",
@@ -23,7 +23,6 @@ rule evaluate:
 rule tables:
     input:
         results=EVALUATIONS,
-        code=library("tables"),
     output:
         retrieval_md=report("results/tables/retrieval.md", caption="../report/retrieval.rst", category="Benchmarks"),
         retrieval_tex="results/tables/retrieval.tex",
@@ -33,6 +32,7 @@ rule tables:
         classification_csv="results/tables/classification.csv",
         plot=report("results/tables/retrieval.png", caption="../report/retrieval_plot.rst", category="Benchmarks"),
     params:
+        code=code_version("tables"),
         runs=list(CLIP_RUNS),
         reference=lookup(dpath="tables/reference", within=config),
     log:

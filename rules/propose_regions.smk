@@ -7,13 +7,13 @@ rule propose_regions:
         stuff=lookup(dpath="propose_regions/vocabulary/stuff", within=config),
         detector=model_files("detector"),
         sam=model_files("sam"),
-        code=library("propose_regions"),
     output:
         regions="results/regions/proposals/{shard}.parquet",
     params:
+        code=code_version("propose_regions"),
         detector=lookup(dpath="models/detector", within=config),
         sam=lookup(dpath="models/sam", within=config),
-        settings=lookup(dpath="propose_regions/settings", within=config),
+        settings=science(config, "propose_regions/settings"),
     log:
         "results/logs/propose_regions/{shard}.log",
     benchmark:

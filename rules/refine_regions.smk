@@ -3,14 +3,14 @@ rule refine_regions:
         regions="results/regions/captioned/{shard}.parquet",
         prompt="prompts/region_refine.txt",
         model=model_files("vlm"),
-        code=library("refine_regions"),
     output:
         regions="results/regions/refined/{shard}.parquet",
     params:
+        code=code_version("refine_regions"),
         model=lookup(dpath="models/vlm", within=config),
         backend=lookup(dpath="caption_scene/backend", within=config),
         vlm=vlm_options(),
-        settings=lookup(dpath="refine_regions", within=config),
+        settings=science(config, "refine_regions"),
     log:
         "results/logs/refine_regions/{shard}.log",
     benchmark:

@@ -2,10 +2,10 @@ rule select_regions:
     input:
         proposals="results/regions/proposals/{shard}.parquet",
         status="results/images/{shard}.parquet",
-        code=library("select_regions"),
     output:
         regions="results/regions/selected/{shard}.parquet",
     params:
+        code=code_version("select_regions"),
         settings=lookup(dpath="select_regions", within=config),
     log:
         "results/logs/select_regions/{shard}.log",

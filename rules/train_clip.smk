@@ -3,13 +3,13 @@ rule train_clip:
         tars=expand("results/images/{shard}.tar", shard=SHARDS),
         status=expand("results/images/{shard}.parquet", shard=SHARDS),
         annotations=clip_annotations,
-        code=library("train_clip"),
     output:
         model="results/clip/{run}/model.pt",
         metrics="results/clip/{run}/metrics.jsonl",
         params="results/clip/{run}/params.txt",
         provenance="results/clip/{run}/provenance.json",
     params:
+        code=code_version("train_clip"),
         settings=clip_settings,
     log:
         "results/logs/train_clip/{run}.log",

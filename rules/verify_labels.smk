@@ -6,14 +6,14 @@ rule verify_labels:
         verify_prompt="prompts/verify_label.txt",
         correct_prompt="prompts/correct_label.txt",
         model=model_files("vlm"),
-        code=library("verify_labels"),
     output:
         regions="results/regions/verified/{shard}.parquet",
     params:
+        code=code_version("verify_labels"),
         model=lookup(dpath="models/vlm", within=config),
         backend=lookup(dpath="caption_scene/backend", within=config),
         vlm=vlm_options(),
-        settings=lookup(dpath="verify_labels", within=config),
+        settings=science(config, "verify_labels"),
     log:
         "results/logs/verify_labels/{shard}.log",
     benchmark:

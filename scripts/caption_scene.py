@@ -4,12 +4,11 @@ from hic.caption_scene import CaptionSettings, caption_shard
 from hic.models import ModelRef
 from hic.provenance import stamp_outputs
 from hic.runlog import to_log
+from hic.speed import speed
 from hic.vlm import make_backend
 
 log = to_log(snakemake.log[0])
-settings = CaptionSettings(
-    **snakemake.params.settings, flush_every=snakemake.config["caption_scene"]["flush_every"]
-)
+settings = CaptionSettings(**snakemake.params.settings, **speed(snakemake.config, "caption_scene"))
 model = snakemake.params.model
 backend = make_backend(
     settings.backend,

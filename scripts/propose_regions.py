@@ -5,6 +5,7 @@ from hic.propose_regions import Detector, ProposeSettings, load_vocabulary, prop
 from hic.provenance import stamp_outputs
 from hic.runlog import to_log
 from hic.segment import load_sam
+from hic.speed import speed
 
 log = to_log(snakemake.log[0])
 inp, params = snakemake.input, snakemake.params
@@ -19,7 +20,7 @@ summary = propose_shard(
         ModelRef.from_config(params.sam),
         **{k: params.sam[k] for k in ("checkpoint", "variant") if params.sam.get(k)},
     ),
-    ProposeSettings(**params.settings),
+    ProposeSettings(**params.settings, **speed(snakemake.config, "propose_regions/settings")),
 )
 stamp_outputs(snakemake)
 log.info("shard %s: %s", snakemake.wildcards.shard, summary)

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 
 from hic.provenance import from_job
 from hic.runlog import to_log
+from hic.speed import speed
 from hic.train_clip import TrainSettings, input_identity, train
 
 log = to_log(snakemake.log[0])
@@ -26,8 +27,8 @@ summary = train(
     [Path(p) for p in inp.annotations],
     sizes,
     work,
-    TrainSettings(**snakemake.params.settings),
-    data_id=input_identity([*inp.tars, *inp.status, *inp.annotations, *inp.code]),
+    TrainSettings(**snakemake.params.settings, **speed(snakemake.config, "clip/defaults")),
+    data_id=input_identity([*inp.tars, *inp.status, *inp.annotations], snakemake.params.code),
 )
 shutil.copy(work / "metrics.jsonl", out.metrics)
 shutil.copy(work / "params.txt", out.params)

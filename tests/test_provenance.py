@@ -7,16 +7,18 @@ import pytest
 from hic.provenance import file_digest, git_describe, read_provenance, stage_provenance, stamp
 
 
-def test_provenance_names_params_prompts_and_code_by_content(tmp_path):
-    prompt, module = tmp_path / "verify.txt", tmp_path / "verify_labels.py"
+def test_provenance_names_params_code_and_prompts_by_content(tmp_path):
+    prompt = tmp_path / "verify.txt"
     prompt.write_text("Is the box a {label}?")
-    module.write_text("x = 1\n")
-    params = {"model": {"id": "Qwen/Qwen2.5-VL-7B-Instruct", "revision": "abc"}, "max": 3}
-    inputs = {"regions": ["r.parquet"], "verify_prompt": [str(prompt)], "code": [str(module)]}
+    params = {
+        "model": {"id": "Qwen/Qwen2.5-VL-7B-Instruct", "revision": "abc"},
+        "max": 3,
+        "code": "0123456789abcdef",  # every rule's code fingerprint
+    }
+    inputs = {"regions": ["r.parquet"], "verify_prompt": [str(prompt)]}
     record = stage_provenance("verify_labels", params, inputs, tmp_path)
     assert record["rule"] == "verify_labels" and record["params"] == params
     assert record["prompts"] == {"verify_prompt": file_digest(prompt)}
-    assert record["code"] == {"verify_labels.py": file_digest(module)}
     assert record["code_version"] == "unknown"  # tmp_path is no git checkout
     prompt.write_text("Is the box a {label}? Answer yes or no.")
     assert stage_provenance("verify_labels", params, inputs, tmp_path) != record

@@ -1,19 +1,28 @@
-"""What the workflow's code is: the files a copy of it needs, and what each script imports.
+"""What the workflow's code is: the files a copy of it needs, what each script imports, and
+what its code does (``code_fingerprint``).
 
-Used by the workflow (library modules are rule inputs, so editing one re-runs its stages), by
-the test that every stage's conda env provides the packages its code imports, and by the tests
-and benchmarks that run the workflow in a fresh copy."""
+Used by the workflow (a stage's code fingerprint is a param, so a behavioural edit re-runs it
+and a comment does not), by the test that every stage's conda env provides the packages its
+code imports, and by the tests and benchmarks that run the workflow in a fresh copy."""
 
 from __future__ import annotations
 
 import ast
+import hashlib
 import shutil
 import sys
 from pathlib import Path
 
+#: Modules that decide how a stage runs or is recorded, not what it writes: logging,
+#: provenance stamping, resource bounds, speed settings and this module. Editing one re-runs
+#: nothing, so their imports are not followed either.
+INFRASTRUCTURE = frozenset({"codebase", "duck", "provenance", "runlog", "speed"})
 
-def imports(script: Path) -> tuple[list[Path], set[str]]:
-    """(hic modules imported directly or transitively, top-level third-party module names)."""
+
+def imports(script: Path, skip: frozenset[str] = frozenset()) -> tuple[list[Path], set[str]]:
+    """(hic modules imported directly or transitively, top-level third-party module names).
+
+    Modules named in ``skip`` are neither listed nor followed."""
     package = script.parent / "hic" if script.parent.name != "hic" else script.parent
     todo, seen, external = [script], set(), set()
     while todo:
@@ -33,10 +42,43 @@ def imports(script: Path) -> tuple[list[Path], set[str]]:
                         external.add(top)
                     continue
                 module = package / f"{rest.split('.')[0]}.py"
+                if module.stem in skip:
+                    continue
                 if rest and module.exists() and module not in seen:
                     seen.add(module)
                     todo.append(module)
     return sorted(seen), external
+
+
+def behaviour(source: str) -> str:
+    """What Python ``source`` does, as text: its syntax tree without comments, formatting,
+    docstrings or function annotations, so only an edit that can change behaviour changes it."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            node.returns = None
+            for arg in [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]:
+                arg.annotation = None
+            for arg in (node.args.vararg, node.args.kwarg):
+                if arg is not None:
+                    arg.annotation = None
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                if isinstance(body[0].value.value, str):
+                    node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, annotate_fields=False, include_attributes=False)
+
+
+def code_fingerprint(script: Path) -> str:
+    """A hash of what ``script`` and the library modules it uses do (``behaviour``), leaving
+    out ``INFRASTRUCTURE``. A rule passes it as a param: Snakemake then re-runs the stage when
+    its code's behaviour changes, and not for a comment, a docstring or a touched file."""
+    modules, _ = imports(script, skip=INFRASTRUCTURE)
+    digest = hashlib.sha256()
+    for path in [script, *modules]:
+        digest.update(f"{path.name}\0{behaviour(path.read_text())}\0".encode())
+    return digest.hexdigest()[:16]
 
 
 #: What a copy of the workflow needs to run: no results/ or .snakemake/ of earlier runs.

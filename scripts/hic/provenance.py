@@ -3,8 +3,9 @@
 Every Parquet table a stage writes carries this as the schema metadata key ``hic.provenance``
 (JSON), so a shard file found on its own still says which settings, model ids and revisions,
 prompt versions and code made it. Models are part of the parameters (``{id, revision}`` or a
-local path, as configured); prompts and library modules are recorded by content hash, so two
-runs of the same configuration record the same provenance wherever they run.
+local path, as configured); prompts are recorded by content hash and the code by the
+behaviour fingerprint every rule passes as its ``code`` param (``hic.codebase``), so two runs
+of the same configuration record the same provenance wherever they run.
 """
 
 from __future__ import annotations
@@ -46,9 +47,8 @@ def stage_provenance(
     inputs: Mapping[str, Iterable[str]],
     repo: Path,
 ) -> dict:
-    """The record for one job: ``inputs`` maps input names to paths; those named ``code`` are
-    the library modules the script imports, those named ``*prompt*`` are prompt files."""
-    code = sorted(p for name, paths in inputs.items() if name == "code" for p in paths)
+    """The record for one job: ``inputs`` maps input names to paths; those named ``*prompt*``
+    are prompt files. ``params`` holds the settings, the models and the code fingerprint."""
     prompts = {
         name: file_digest(Path(path))
         for name, paths in sorted(inputs.items())
@@ -59,7 +59,6 @@ def stage_provenance(
         "rule": rule,
         "params": dict(params),
         "prompts": prompts,
-        "code": {Path(p).name: file_digest(Path(p)) for p in code},
         "code_version": git_describe(repo),
     }
 

@@ -332,10 +332,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def input_identity(paths: list[Path]) -> str:
-    """Path, size and modification time of every input, hashed: it changes when Snakemake
-    rewrites an input, and costs no read of the (at paper scale, terabytes of) data."""
-    stats = []
+def input_identity(paths: list[Path], code: str = "") -> str:
+    """Path, size and modification time of every input, and the training code's fingerprint,
+    hashed: it changes when Snakemake rewrites an input or the code's behaviour changes, and
+    costs no read of the (at paper scale, terabytes of) data."""
+    stats: list = [code]
     for path in sorted(map(Path, paths)):
         stat = path.stat()
         stats.append((str(path), stat.st_size, stat.st_mtime_ns))

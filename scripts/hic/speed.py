@@ -1,0 +1,48 @@
+"""Settings that decide how fast a stage runs, not what it writes.
+
+They are never rule params, so changing one re-runs nothing (at 12M images, tuning a batch
+size must not re-caption the dataset): the rules pass a stage's other settings as params and
+the scripts read these from the config. Batched floating-point arithmetic may still differ in
+the last bits between batch sizes; that is noise, not a different result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+#: config section -> its keys that only change speed (or how often progress is saved).
+SPEED = {
+    "caption_scene": frozenset({"batch_size", "chunk_size", "flush_every", "vllm"}),
+    "verify_labels": frozenset({"batch_size", "flush_every"}),
+    "caption_regions": frozenset({"batch_size", "flush_every"}),
+    "refine_regions": frozenset({"batch_size", "flush_every"}),
+    "propose_regions/settings": frozenset({"batch_size", "flush_every"}),
+    "download": frozenset({"thread_count", "processes_count"}),
+    "clip/defaults": frozenset({"checkpoint_every", "workers"}),
+}
+
+
+def section(config: Mapping, path: str) -> Mapping:
+    node = config
+    for part in path.split("/"):
+        node = node.get(part) or {}
+    return node
+
+
+def science(config: Mapping, path: str) -> dict:
+    """The settings of ``path`` ("caption_scene", "propose_regions/settings") that change what
+    the stage writes: its params."""
+    return {k: v for k, v in section(config, path).items() if k not in SPEED.get(path, ())}
+
+
+def speed(config: Mapping, path: str) -> dict:
+    """The settings of ``path`` that only change speed: read by the script, never params."""
+    return {k: v for k, v in section(config, path).items() if k in SPEED.get(path, ())}
+
+
+def use_threads(n: int) -> None:
+    """Bound torch's CPU threads to the job's ``threads`` (its cores on a cluster node): by
+    default torch takes every core of the machine, which on a shared node oversubscribes it."""
+    import torch
+
+    torch.set_num_threads(max(1, int(n)))
