@@ -7,6 +7,10 @@ from hic.codebase import imports
 from hic.demo_world import planned_url_rows
 from snakemake.exceptions import WorkflowError
 from hic.shard_urls import count_rows, shard_count, shard_name
+from hic.slurm_status import install_if_present
+
+# A cancelled or pre-empted SLURM job must read as failed, under sacct as under squeue.
+install_if_present()
 
 
 DEMO_URLS = "results/demo/urls.parquet"
