@@ -94,6 +94,26 @@ def test_the_shim_wraps_the_query_and_passes_a_failed_query_through():
     assert asyncio.run(wrapped("broken", log)) == (None, None)
 
 
+def test_a_preempted_job_waits_while_squeue_cannot_say_whether_it_was_requeued():
+    def squeue_down(jobs):
+        raise subprocess.CalledProcessError(1, "squeue")
+
+    class Log:
+        def warning(self, msg):
+            self.msg = msg
+
+        def debug(self, msg):
+            pass
+
+    async def query(command, logger):
+        return {"5": "PREEMPTED", "6": "CANCELLED by 0"}, 0.1
+
+    log = Log()
+    states, _ = asyncio.run(slurm_status.shim(query, squeue_down)("sacct", log))
+    assert states == {"5": "PREEMPTED", "6": "CANCELLED"}
+    assert "squeue failed" in log.msg and "['5']" in log.msg
+
+
 def test_the_workflow_installs_the_shim_into_the_plugin_once(monkeypatch):
     monkeypatch.setattr(plugin, "query_job_status", plugin.query_job_status)  # restored after
     original = plugin.query_job_status

@@ -81,13 +81,23 @@ def requeued_by_slurm(jobs: Iterable[str]) -> set[str]:
 
 def shim(query: Callable, requeued: Callable[[Iterable[str]], set[str]] = requeued_by_slurm):
     """``query`` (the plugin's ``async query_job_status(command, logger)``), its states
-    normalised; a failed query (None) passes through for the plugin to retry."""
+    normalised; a failed query (None) passes through for the plugin to retry. While squeue
+    cannot say whether a pre-empted job was requeued, it stays pre-empted (asked again at
+    the next status check)."""
 
     async def query_job_status(command, logger):
         states, seconds = await query(command, logger)
         if states is None:
             return states, seconds
-        normalised = normalise_states(states, requeued)
+
+        def requeued_or_unknown(jobs):
+            try:
+                return requeued(jobs)
+            except (subprocess.SubprocessError, OSError) as error:
+                logger.warning(f"squeue failed ({error}); pre-empted jobs {sorted(jobs)} wait")
+                return set(jobs)
+
+        normalised = normalise_states(states, requeued_or_unknown)
         for job in sorted(j for j in states if states[j] != normalised[j]):
             logger.debug(f"SLURM job {job}: state {states[job]!r} read as {CANCELLED!r}")
         return normalised, seconds
