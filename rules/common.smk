@@ -9,7 +9,11 @@ from hic.demo_world import planned_url_rows
 from hic.digests import cached_digest
 from snakemake.exceptions import WorkflowError
 from hic.shard_urls import count_rows, shard_count, shard_name
+from hic.slurm_status import install_if_present
 from hic.speed import SPEED, science
+
+# A cancelled or pre-empted SLURM job must read as failed, under sacct as under squeue.
+install_if_present()
 
 
 DEMO_URLS = "results/demo/urls.parquet"

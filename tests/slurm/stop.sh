@@ -3,7 +3,7 @@
 #
 #   usage: tests/slurm/stop.sh [STATE_DIR]      (default: /tmp/hic-slurm)
 #
-# Kills exactly the PIDs recorded in STATE_DIR/{slurmd,slurmctld,munged}.pid
+# Kills exactly the PIDs recorded in STATE_DIR/{slurmd,slurmctld,slurmdbd,mariadbd,munged}.pid
 # (TERM, up to 10 s, then KILL) and removes the pid files.  Never kills by
 # process name, so daemons that someone else started survive.  Safe to run
 # repeatedly and when nothing is running.
@@ -53,7 +53,7 @@ alive() {
 }
 
 rc=0
-for d in slurmd slurmctld munged; do
+for d in slurmd slurmctld slurmdbd mariadbd munged; do
     f="$STATE_DIR/$d.pid"
     [ -e "$f" ] || continue
     if pid=$(recorded_pid "$f" "$d"); then
