@@ -145,6 +145,20 @@ def test_clean_caption_collapses_whitespace_and_markdown():
     assert clean_caption("## Description:\n A  *big*\n\tcat ") == "A big cat"
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("A player in jersey #23 stands by a NO_PARKING sign.", None),
+        ("A snake_case label, a C# book and 5*3 written on a board.", None),
+        ("**A red** __car__ beside a `kiosk`.", "A red car beside a kiosk."),
+        ("- A dog on grass.\n- Blue sky.", "A dog on grass. Blue sky."),
+        ("> _A quiet street_ at #1 Main Road.", "A quiet street at #1 Main Road."),
+    ],
+)
+def test_clean_caption_strips_markup_not_characters_inside_words(text, expected):
+    assert clean_caption(text) == (expected or text)
+
+
 DRIVER = """
 import json, sys, time
 from pathlib import Path

@@ -103,7 +103,15 @@ _PREFACE = re.compile(
     r"|(?:short |long |dense )?(?:caption|description)\s*:\s*)",
     re.IGNORECASE,
 )
-_MARKDOWN = re.compile(r"[*#_`]+")
+# Markdown markup only, never characters inside words ("jersey #23", "NO_PARKING", "5*3"):
+# heading and list markers at a line's start, and emphasis or code marks that open before a
+# word or close after one, on a word's outer edge.
+_MARKDOWN = re.compile(
+    r"^[ \t]*(?:#{1,6}[ \t]+|[*+-][ \t]+|>[ \t]*)"
+    r"|(?<![\w*_`])[*_`]+(?=[^\s*_`])"
+    r"|(?<=[^\s*_`])[*_`]+(?![\w*_`])",
+    re.MULTILINE,
+)
 
 
 def clean_caption(text: str) -> str:
