@@ -67,9 +67,10 @@ class CaptionSettings:
 
     backend: str = "transformers"
     batch_size: int = 8
-    max_new_tokens: dict[str, int] = field(default_factory=lambda: {"short": 48, "long": 320})
+    # The paper's lengths: short about 20-25 words, long 120-175; accepted a little wider.
+    max_new_tokens: dict[str, int] = field(default_factory=lambda: {"short": 64, "long": 384})
     words: dict[str, list[int]] = field(
-        default_factory=lambda: {"short": [3, 40], "long": [15, 500]}
+        default_factory=lambda: {"short": [8, 40], "long": [80, 260]}
     )
     min_pixels: int = 3136
     max_pixels: int = 802816
