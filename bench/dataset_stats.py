@@ -162,7 +162,7 @@ def release_shard(index: int, rows: int, first_key: int) -> pa.Table:
     regions, region_words = region_lists(rng, pool, np.array(labels), counts)
     keys = [f"{k:016x}" for k in range(first_key, first_key + rows)]
     provenance = json.dumps({"verify_labels": {"model": "Qwen/Qwen2.5-VL-7B-Instruct"}})
-    alt_rng = np.random.default_rng([index, 1])  # its own stream: the other columns stay as they were
+    alt_rng = np.random.default_rng([index, 1])  # own stream: other columns unchanged
     return pa.table(
         {
             "key": keys,
