@@ -127,7 +127,7 @@ def load_urban1k(root: Path, *, name: str = "urban1k") -> RetrievalSet:
         document = _read_json(annotations)
         records = document.get("annotations") if isinstance(document, dict) else None
         if not isinstance(records, list):
-            raise ValueError(f"{annotations}: expected {{\"annotations\": [records]}}")
+            raise ValueError(f'{annotations}: expected {{"annotations": [records]}}')
         where = [f"{annotations} record {i}" for i in range(len(records))]
         images = [
             root / "images" / _field(r, "image", w) for r, w in zip(records, where, strict=True)
@@ -159,8 +159,7 @@ def load_sharegpt4v(
     gpt (second) turn, its sentences rejoined (:func:`rejoin_sentences`)."""
     json_path, image_root = Path(json_path), Path(image_root)
     layout = (
-        f"{json_path}, a ShareGPT4V JSON list, with its relative 'image' paths "
-        f"under {image_root}/"
+        f"{json_path}, a ShareGPT4V JSON list, with its relative 'image' paths under {image_root}/"
     )
     _require_root(name, json_path, layout)
     _require_root(name, image_root, layout)
