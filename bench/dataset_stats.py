@@ -162,10 +162,12 @@ def release_shard(index: int, rows: int, first_key: int) -> pa.Table:
     regions, region_words = region_lists(rng, pool, np.array(labels), counts)
     keys = [f"{k:016x}" for k in range(first_key, first_key + rows)]
     provenance = json.dumps({"verify_labels": {"model": "Qwen/Qwen2.5-VL-7B-Instruct"}})
+    alt_rng = np.random.default_rng([index, 1])  # own stream: other columns unchanged
     return pa.table(
         {
             "key": keys,
             "url": [f"https://images.example.org/{k}.jpg" for k in keys],
+            "alt_text": pool.texts(alt_rng, word_lengths(alt_rng, 10, 5, 1, rows)),
             "width": rng.integers(256, 2048, rows),
             "height": rng.integers(256, 2048, rows),
             "short_caption": pool.texts(rng, short),

@@ -20,6 +20,7 @@ from hic.benchmarks import (
     load_sharegpt4v,
     load_urban1k,
     recall_at_k,
+    rejoin_sentences,
     retrieval_metrics,
     topk_accuracy,
 )
@@ -45,18 +46,19 @@ def urban1k_folders(root: Path) -> Path:
 
 
 def urban1k_json(root: Path) -> Path:
+    """FLAIR's layout: annotations/annotations.json and the images in images/."""
     records = [
-        {"image_id": 7, "image": "images/b.jpg", "caption": "A bus. It is red."},
-        {"image_id": 3, "image": "images/a.jpg", "caption": "A tram at dusk."},
+        {"image_id": 7, "image": "b.jpg", "caption": "A bus. It is red."},
+        {"image_id": 3, "image": "a.jpg", "caption": "A tram at dusk."},
     ]
     for r in records:
-        image(root / r["image"])
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "annotations.json").write_text(json.dumps(records))
+        image(root / "images" / r["image"])
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / "annotations" / "annotations.json").write_text(json.dumps({"annotations": records}))
     return root
 
 
-def sharegpt4v(tmp: Path, n_records: int = 5) -> tuple[Path, Path]:
+def sharegpt4v(tmp: Path, n_records: int = 5, file_name: str = "share-captioner.json"):
     records = []
     for i in range(n_records):
         rel = f"sam/images/sa_{1000 + i}.jpg"
@@ -71,17 +73,21 @@ def sharegpt4v(tmp: Path, n_records: int = 5) -> tuple[Path, Path]:
                 ],
             }
         )
-    path = tmp / "share-captioner.json"
+    path = tmp / file_name
     path.write_text(json.dumps(records))
     return path, tmp / "data"
 
 
 def dci(root: Path, records: dict[str, dict]) -> Path:
+    """DCI's release: annotations/*.json, photos/, and splits.json naming the annotations."""
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     for stem, record in records.items():
         image(root / "photos" / record["image"])
         extra = {"mask_data": {"0": {"label": "x"}}, "summaries": {}, "split": "train"}
         (root / "annotations" / f"{stem}.json").write_text(json.dumps(record | extra))
+    names = [f"{stem}.json" for stem in records]
+    splits = {"train": names[:-1], "valid": [], "test": names[-1:]}
+    (root / "splits.json").write_text(json.dumps(splits))
     return root
 
 
@@ -101,7 +107,7 @@ def test_urban1k_folder_layout_pairs_stems_and_reads_first_line(tmp_path: Path) 
     assert s.captions == ["One", "Tenth city street.", "Second."]
 
 
-def test_urban1k_json_layout_keeps_record_order(tmp_path: Path) -> None:
+def test_urban1k_in_flairs_layout_keeps_record_order(tmp_path: Path) -> None:
     root = urban1k_json(tmp_path / "u")
     s = load_urban1k(root, name="urban-json")
     assert s == RetrievalSet(
@@ -130,17 +136,39 @@ def test_sharegpt4v_takes_the_first_n_gpt_turns(tmp_path: Path) -> None:
     path, images = sharegpt4v(tmp_path)
     s = load_sharegpt4v(path, images, 3)
     assert s.images == [images / f"sam/images/sa_{1000 + i}.jpg" for i in range(3)]
-    assert s.captions == [f"Caption number {i}.\n\nMore detail." for i in range(3)]
+    # sentences split at line breaks and full stops and rejoined, as FLAIR builds them
+    assert s.captions == [f"Caption number {i}. More detail" for i in range(3)]
     with pytest.raises(ValueError, match="has 5 records, needs 6"):
         load_sharegpt4v(path, images, 6)
 
 
-def test_dci_joins_captions_over_all_annotations_sorted_by_image(tmp_path: Path) -> None:
+def test_sharegpt4v_reads_flairs_10k_file_for_both_sizes(tmp_path: Path) -> None:
+    path, images = sharegpt4v(tmp_path, n_records=12, file_name="share4v_sam_10k.json")
+    small, large = (load_sharegpt4v(path, images, n) for n in (3, 12))
+    assert large.captions[:3] == small.captions and len(large.images) == 12
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("A dog.\nIt sleeps.", "A dog. It sleeps"),
+        ("One. Two.\n\nThree</s>Four", "One. Two. Three. Four"),
+        ("  No stop  ", "No stop"),
+    ],
+)
+def test_rejoin_sentences(text: str, expected: str) -> None:
+    assert rejoin_sentences(text) == expected
+
+
+def test_dci_joins_captions_over_every_split_in_splits_order(tmp_path: Path) -> None:
     root = dci(tmp_path / "dci", DCI_RECORDS)
     s = load_dci(root)
-    assert [p.name for p in s.images] == ["sa_1.jpg", "sa_2.jpg", "sa_3.jpg"]
+    assert [p.name for p in s.images] == ["sa_1.jpg", "sa_3.jpg", "sa_2.jpg"]
     assert all(p.parent == root / "photos" for p in s.images)
-    assert s.captions == ["A dog. It sleeps.", "A car. Blue roof.", "A cat"]
+    assert s.captions == ["A dog. It sleeps", "A cat", "A car. Blue roof"]
+    (root / "annotations" / "a_ann.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"splits\.json names .*a_ann\.json"):
+        load_dci(root)
 
 
 def test_dci_empty_caption_names_the_file(tmp_path: Path) -> None:
@@ -167,9 +195,9 @@ def test_load_benchmark_dispatches_on_format(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("spec", "layout"),
     [
-        ({"format": "urban1k"}, "/image/*.jpg with {p}/caption/*.txt of the same stems, or {p}/"),
-        ({"format": "sharegpt4v", "images": "imgs", "n": 1000}, "share-captioner JSON list"),
-        ({"format": "dci"}, "{p}/annotations/*.json with the images they name in {p}/photos/"),
+        ({"format": "urban1k"}, "{p}/annotations/annotations.json with the images in {p}/images/"),
+        ({"format": "sharegpt4v", "images": "imgs", "n": 1000}, "a ShareGPT4V JSON list"),
+        ({"format": "dci"}, "{p}/splits.json naming the files of {p}/annotations/"),
     ],
 )
 def test_missing_benchmark_names_its_layout_or_is_skipped(

@@ -28,7 +28,7 @@ def test_captions_are_shaped_and_garbage_is_unparsed():
         views(["dog", "cat", "sky"]),
         backend,
         "Caption the {label} in the {colour} box.",
-        RegionCaptionSettings(batch_size=2),
+        RegionCaptionSettings(batch_size=2, words=[4, 120]),  # lengths: test_caption_lengths
     )
     assert [r["caption_status"] for r in rows] == ["ok", "ok", "unparsed"]
     assert rows[0]["raw_caption"] == "Dog. A brown dog lies on the grass next to a bench."

@@ -28,6 +28,9 @@ from hic.download import STATUS_SCHEMA
 PROMPTS = {"short": "Say it short.", "long": "Say it long."}
 MODEL = {"id": "scripted", "revision": "r1"}
 LONG = "A red ball sits on green grass to the left of a small blue box under a clear sky today."
+# These tests are about the mechanics, with short texts; the paper's lengths are checked in
+# test_caption_lengths.py.
+WORDS = {"short": [3, 40], "long": [15, 500]}
 
 
 class Scripted:
@@ -67,6 +70,7 @@ def make_shard(folder: Path, n: int, failed: int = 1, corrupt: int = 0) -> tuple
 def run(tmp_path, backend, n=5, failed=1, corrupt=0, **settings):
     tar, status = make_shard(tmp_path / "in", n, failed, corrupt)
     out = tmp_path / "scene.parquet"
+    settings = {"words": WORDS, **settings}
     summary = caption_shard(
         tar, status, out, PROMPTS, CaptionSettings(batch_size=2, **settings), backend, MODEL
     )
@@ -87,7 +91,7 @@ def test_every_url_gets_a_row_with_status_and_provenance(tmp_path):
     for r in rows:
         assert (r["model_id"], r["model_revision"]) == ("scripted", "r1")
         assert r["prompt_hash"] == prompt_hash(PROMPTS)
-        assert json.loads(r["generation"])["max_new_tokens"] == {"short": 48, "long": 320}
+        assert json.loads(r["generation"])["max_new_tokens"] == {"short": 64, "long": 384}
     assert backend.calls == [2, 2, 2, 2, 1, 1]  # batches of 2 images, two prompts each
     assert summary["status"] == {"ok": 5, "unparsed": 0, "failed": 2}
     assert not (tmp_path / "scene.parquet.parts").exists()
@@ -101,7 +105,7 @@ def test_garbage_output_is_unparsed_and_the_run_completes(tmp_path):
     rows = table.to_pylist()
     assert [r["status"] for r in rows] == ["unparsed"] * 2 + ["unparsed", "unparsed"] * 2
     assert summary["status"]["unparsed"] == 6
-    assert rows[0]["reason"] == "short: empty output; long: not text (0/9 letters)"
+    assert rows[0]["reason"] == "short: empty output; long: not text (0/12 letters)"
     assert rows[0]["long_raw"] == "%%% 1234 ### !!"  # raw output kept for inspection
     assert rows[1]["long_caption"] == LONG and rows[1]["long_raw"] is None  # the good half
     assert rows[2]["short_caption"] == "A fine short caption."
@@ -143,6 +147,20 @@ def test_parse_caption(text, kind, expected):
 
 def test_clean_caption_collapses_whitespace_and_markdown():
     assert clean_caption("## Description:\n A  *big*\n\tcat ") == "A big cat"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("A player in jersey #23 stands by a NO_PARKING sign.", None),
+        ("A snake_case label, a C# book and 5*3 written on a board.", None),
+        ("**A red** __car__ beside a `kiosk`.", "A red car beside a kiosk."),
+        ("- A dog on grass.\n- Blue sky.", "A dog on grass. Blue sky."),
+        ("> _A quiet street_ at #1 Main Road.", "A quiet street at #1 Main Road."),
+    ],
+)
+def test_clean_caption_strips_markup_not_characters_inside_words(text, expected):
+    assert clean_caption(text) == (expected or text)
 
 
 DRIVER = """
@@ -222,7 +240,9 @@ def test_parts_of_another_configuration_are_discarded(tmp_path):
     (stale / "manifest.json").write_text(json.dumps({"fingerprint": "old prompt"}))
     pa_rows = [{"key": f"{0:016x}", "status": "ok", "short_caption": "stale"}]
     pq.write_table(pa.Table.from_pylist(pa_rows, schema=SCENE_SCHEMA), stale / "part-00000.parquet")
-    caption_shard(tar, status, out, PROMPTS, CaptionSettings(batch_size=4), backend, MODEL)
+    caption_shard(
+        tar, status, out, PROMPTS, CaptionSettings(batch_size=4, words=WORDS), backend, MODEL
+    )
     first = pq.read_table(out).to_pylist()[0]
     assert first["short_caption"] == "A red ball on grass."
     assert backend.calls == [4, 4]
@@ -235,7 +255,9 @@ def test_truncated_manifest_discards_the_parts_instead_of_failing(tmp_path):
     stale.mkdir()
     (stale / "manifest.json").write_text('{"fingerpr')  # a kill while it was written
     backend = Scripted(good_answer)
-    caption_shard(tar, status, out, PROMPTS, CaptionSettings(batch_size=4), backend, MODEL)
+    caption_shard(
+        tar, status, out, PROMPTS, CaptionSettings(batch_size=4, words=WORDS), backend, MODEL
+    )
     assert [r["status"] for r in pq.read_table(out).to_pylist()] == ["ok"] * 3
 
 
@@ -250,7 +272,7 @@ def test_parts_of_other_images_or_parsing_are_discarded(tmp_path):
                 raise KeyboardInterrupt
             return super().generate(images, prompts, max_new_tokens)
 
-    settings = CaptionSettings(batch_size=2, flush_every=1)
+    settings = CaptionSettings(batch_size=2, flush_every=1, words=WORDS)
     with pytest.raises(KeyboardInterrupt):
         caption_shard(tar, status, out, PROMPTS, settings, Killed(good_answer), MODEL)
     assert len(list(parts.glob("part-*.parquet"))) == 1

@@ -9,6 +9,7 @@ from hic.refine_regions import (
     BOX_PHRASES,
     build_prompt,
     contains_box_phrase,
+    normalise_text,
     parse_refined,
     refine,
     refine_rows,
@@ -54,6 +55,36 @@ def test_box_phrases_are_the_papers_list_most_specific_first():
 )
 def test_contains_box_phrase_matches_whole_words_in_any_case(text, found):
     assert contains_box_phrase(text) == found
+
+
+@pytest.mark.parametrize(
+    ("spelling", "found"),
+    [
+        ("bounding\u2011box", "bounding box"),  # non-breaking hyphen
+        ("bounding\u2010box", "bounding box"),  # hyphen
+        ("bounding \u2013 box", "bounding box"),  # en dash
+        ("bounding-box", "bounding box"),
+        ("boundingbox", "bounding box"),
+        ("bounding\u00a0box", "bounding box"),  # no-break space
+        ("bounding\u00adbox", "bounding box"),  # soft hyphen
+        ("bounding\u200bbox", "bounding box"),  # zero-width space
+        ("ｂｏｕｎｄｉｎｇ ｂｏｘ", "bounding box"),  # full-width letters
+        ("red\u2011border", "red border"),
+        ("redborder", "red border"),
+        ("green\u2011bounding\u2011box", "within the green bounding box"),
+    ],
+)
+def test_box_phrases_match_after_unicode_normalisation_and_across_hyphens(spelling, found):
+    text = f"A dog sits within the {spelling} on the grass."
+    assert contains_box_phrase(text) == found
+    assert remove_box_phrases(text) == "A dog sits on the grass."
+
+
+def test_normalise_text_unifies_hyphens_and_drops_invisible_characters():
+    assert (
+        normalise_text("bounding\u2011box \u2212 a\u00adb\u200bc ｆｕｌｌ")
+        == "bounding-box - abc full"
+    )
 
 
 @pytest.mark.parametrize("phrase", BOX_PHRASES)
@@ -164,7 +195,7 @@ def test_prompt_template_names_the_phrases_and_its_example_validates():
     raw, reply = example[1].removeprefix("Caption: "), example[2].removeprefix("Reply: ")
     label, description = split_label(raw, "cup")
     # the example teaches what the fallback would produce too
-    assert parse_refined(reply, "cup") == (
+    assert parse_refined(reply, "cup", raw) == (
         {"label": label, "caption": remove_box_phrases(description)},
         None,
     )
@@ -173,6 +204,7 @@ def test_prompt_template_names_the_phrases_and_its_example_validates():
 
 
 GOOD = {"label": "dog", "caption": "A brown dog lies on the grass."}
+GOOD_RAW = "Dog. A brown dog inside the red border lies on the grass."
 
 
 @pytest.mark.parametrize(
@@ -185,13 +217,50 @@ GOOD = {"label": "dog", "caption": "A brown dog lies on the grass."}
     ],
 )
 def test_parse_refined_accepts_json_in_fences_and_chatter(output):
-    assert parse_refined(output, "dog") == (GOOD, None)
+    assert parse_refined(output, "dog", GOOD_RAW) == (GOOD, None)
 
 
-def test_parse_refined_accepts_a_more_specific_label():
-    answer = json.dumps({"label": "Brown dogs", "caption": "Two brown dogs."})
-    refined = {"label": "Brown dogs", "caption": "Two brown dogs."}
-    assert parse_refined(answer, "dog") == (refined, None)
+@pytest.mark.parametrize("label", ["hot dog stand", "brown dog", "dogs", "cat"])
+def test_parse_refined_rejects_a_label_other_than_the_regions(label):
+    # the release says the region's label was verified: the answer may not change it
+    answer = json.dumps({"label": label, "caption": GOOD["caption"]})
+    assert parse_refined(answer, "dog", GOOD_RAW) == (None, f"label {label!r} is not 'dog'")
+    assert parse_refined(json.dumps({**GOOD, "label": " Dog "}), "dog", GOOD_RAW) == (GOOD, None)
+
+
+LONG_RAW = (
+    "Dog. A small brown dog with a red collar sits inside the red bounding box on green grass. "
+    "It looks at a yellow ball lying near its front paws, next to a wooden bench."
+)
+
+
+@pytest.mark.parametrize(
+    ("caption", "accepted"),
+    [
+        ("Nice.", False),
+        ("A small brown dog sits on green grass.", False),  # the second sentence is gone
+        (
+            "A small brown dog with a red collar is sitting on green grass. It looks at a "
+            "yellow ball lying near its front paws, next to a wooden bench.",
+            True,  # reworded around the same content words
+        ),
+        (
+            "A small brown dog with a red collar sits on green grass. It looks at a yellow "
+            "ball lying near its front paws, next to a bench.",
+            True,  # one content word in ten may go ("wooden", one of 15)
+        ),
+        (
+            "A small brown dog with a red collar sits on green grass. It looks at a yellow "
+            "ball near its front paws, next to a bench.",
+            False,  # two of 15 ("lying", "wooden")
+        ),
+    ],
+)
+def test_parse_refined_requires_the_raw_captions_content_words(caption, accepted):
+    refined, why = parse_refined(json.dumps({"label": "dog", "caption": caption}), "dog", LONG_RAW)
+    assert (refined is not None) == accepted, why
+    if not accepted:
+        assert why.startswith("caption drops")
 
 
 @pytest.mark.parametrize(
@@ -212,13 +281,13 @@ def test_parse_refined_accepts_a_more_specific_label():
             "caption still contains 'bounding box'",
         ),
         ('{"label": "dog", "caption": "## 12 %% 7 a"}', "caption is not text (1/8 letters)"),
-        ('{"label": "cat", "caption": "A dog."}', "label 'cat' does not name 'dog'"),
+        ('{"label": "cat", "caption": "A dog."}', "label 'cat' is not 'dog'"),
         ('{"label": "dog", "caption": "Dog. A brown dog."}', "caption still opens with its label"),
         ('{"label": "dog", "caption": "A \\u001b dog."}', "caption is not text (1 control"),
     ],
 )
 def test_parse_refined_rejects_with_a_reason(output, reason):
-    refined, why = parse_refined(output, "dog")
+    refined, why = parse_refined(output, "dog", "Dog. A dog.")
     assert refined is None
     assert why.startswith(reason)
 
@@ -227,10 +296,11 @@ RAW = "Dog. A brown dog within the red bounding box lies on the grass next to a 
 
 
 def test_refine_takes_a_valid_llm_answer():
-    answer = '```json\n{"label": "Dog", "caption": "A brown dog lies on the grass."}\n```'
+    caption = "A brown dog lies on the grass, next to a bench."
+    answer = f'```json\n{{"label": "Dog", "caption": "{caption}"}}\n```'
     assert refine(RAW, "dog", answer) == {
-        "label": "Dog",
-        "caption": "A brown dog lies on the grass.",
+        "label": "dog",
+        "caption": caption,
         "refine_path": "llm",
         "refine_reason": None,
     }
@@ -244,6 +314,11 @@ def test_refine_takes_a_valid_llm_answer():
         ("<unk> Ġthe Ġthe 99 ]]", "no JSON object in output"),
         ('{"label": "dog", "caption": "A dog in the red bounding box."}', "caption still contains"),
         ('{"label": "dog"}', "caption missing"),
+        ('{"label": "dog", "caption": "A brown dog lies on the grass."}', "caption drops 1"),
+        (
+            '{"label": "hot dog stand", "caption": "A brown dog lies on grass next to a bench."}',
+            "label 'hot dog stand' is not",
+        ),
     ],
 )
 def test_refine_falls_back_to_the_rule_based_rewrite(answer, reason):

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import BIN, REPO, copy_workflow, planned_jobs, snakemake
+from hic.refine_regions import contains_box_phrase
 
 # A smaller demo world than the default, so the end-to-end run takes seconds.
 TINY = """
@@ -332,6 +333,8 @@ def test_tiny_run_writes_the_release_with_a_status_for_every_region(tiny_run):
         assert g["label_source"] in ("accurate", "corrected", "unparsed")
         assert g["caption_source"] in ("llm", "fallback", "failed")
         assert (g["caption"] is None) == (g["caption_source"] == "failed")
+        # no box phrase, in any Unicode spelling (contains_box_phrase normalises first)
+        assert g["caption"] is None or contains_box_phrase(g["caption"]) is None, g["caption"]
     for r in release:  # an image without regions says why, and only such an image
         assert (r["regions_note"] is None) == bool(r["regions"])
         assert r["regions_note"] in (None, "no proposal", "none selected")

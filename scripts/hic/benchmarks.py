@@ -10,6 +10,7 @@ silently shrunken set.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,23 +99,39 @@ def _first_line(path: Path) -> str:
 
 
 # ---------------------------------------------------------------- retrieval loaders
-def load_urban1k(root: Path, *, name: str = "urban1k") -> RetrievalSet:
-    """Urban-1k, from annotations.json when present, else from the image/ and caption/ folders.
+def rejoin_sentences(text: str) -> str:
+    """``text`` split at line breaks, "</s>" and full stops, and its parts joined by ". ".
 
-    Folder layout: pairs by stem, sorted by stem; the caption is the first line of the txt.
-    JSON layout: a list of {"image_id", "image" (relative to root), "caption"}, in file order.
+    How FLAIR's evaluation builds the ShareGPT4V and DCI captions (and FLAME follows it):
+    paragraph breaks become sentence breaks, so scores compare with the published ones."""
+    parts = (part.strip() for part in re.split(r"\n|</s>|\.", text))
+    return ". ".join(part for part in parts if part)
+
+
+def load_urban1k(root: Path, *, name: str = "urban1k") -> RetrievalSet:
+    """Urban-1k in either published layout.
+
+    FLAIR's: ``annotations/annotations.json`` holding ``{"annotations": [{"image_id", "image",
+    "caption"}]}`` with the images under ``images/``, in file order. Long-CLIP's (the Hugging
+    Face release): ``image/*.jpg`` and ``caption/*.txt`` paired by stem, sorted by stem, the
+    caption being the txt's first line. Captions are used as written.
     """
     root = Path(root)
     layout = (
-        f"{root}/image/*.jpg with {root}/caption/*.txt of the same stems, "
-        f"or {root}/annotations.json"
+        f"{root}/annotations/annotations.json with the images in {root}/images/ (FLAIR's), "
+        f"or {root}/image/*.jpg with {root}/caption/*.txt of the same stems (Long-CLIP's)"
     )
     _require_root(name, root, layout)
-    annotations = root / "annotations.json"
+    annotations = root / "annotations" / "annotations.json"
     if annotations.is_file():
-        records = _json_list(annotations)
+        document = _read_json(annotations)
+        records = document.get("annotations") if isinstance(document, dict) else None
+        if not isinstance(records, list):
+            raise ValueError(f'{annotations}: expected {{"annotations": [records]}}')
         where = [f"{annotations} record {i}" for i in range(len(records))]
-        images = [root / _field(r, "image", w) for r, w in zip(records, where, strict=True)]
+        images = [
+            root / "images" / _field(r, "image", w) for r, w in zip(records, where, strict=True)
+        ]
         captions = [
             _nonempty(_field(r, "caption", w), w) for r, w in zip(records, where, strict=True)
         ]
@@ -137,11 +154,12 @@ def load_urban1k(root: Path, *, name: str = "urban1k") -> RetrievalSet:
 def load_sharegpt4v(
     json_path: Path, image_root: Path, n: int, *, name: str = "sharegpt4v"
 ) -> RetrievalSet:
-    """The first n records of the share-captioner JSON; the caption is the gpt (second) turn."""
+    """The first n records of a ShareGPT4V JSON list: the share-captioner file, or FLAIR's
+    ``share4v_sam_10k.json`` (its first 10k SAM records, in the same form). The caption is the
+    gpt (second) turn, its sentences rejoined (:func:`rejoin_sentences`)."""
     json_path, image_root = Path(json_path), Path(image_root)
     layout = (
-        f"{json_path}, the share-captioner JSON list, with its relative 'image' paths "
-        f"under {image_root}/"
+        f"{json_path}, a ShareGPT4V JSON list, with its relative 'image' paths under {image_root}/"
     )
     _require_root(name, json_path, layout)
     _require_root(name, image_root, layout)
@@ -157,32 +175,40 @@ def load_sharegpt4v(
         if len(turns) < 2:
             raise ValueError(f"{where}: {len(turns)} conversation turns, expected 2")
         images.append(image_root / _field(record, "image", where))
-        captions.append(_nonempty(_field(turns[1], "value", where), where))
+        captions.append(_nonempty(rejoin_sentences(_field(turns[1], "value", where)), where))
     _require_images(name, images)
     return RetrievalSet(name, images, captions)
 
 
 def load_dci(root: Path, *, name: str = "dci") -> RetrievalSet:
-    """Every DCI image over all splits, sorted by image file name.
+    """Every DCI image of every split in ``splits.json``, in its order (as FLAIR loads it).
 
-    The caption is short_caption and extra_caption joined by one space, as the FLAIR and
-    FLAME evaluations build it.
+    The caption is short_caption and extra_caption on two lines, its sentences rejoined
+    (:func:`rejoin_sentences`), as the FLAIR and FLAME evaluations build it.
     """
     root = Path(root)
-    layout = f"{root}/annotations/*.json with the images they name in {root}/photos/"
+    layout = (
+        f"{root}/splits.json naming the files of {root}/annotations/, with the images they "
+        f"name in {root}/photos/"
+    )
     _require_root(name, root, layout)
-    if not (root / "annotations").is_dir():
+    splits_file = root / "splits.json"
+    if not splits_file.is_file() or not (root / "annotations").is_dir():
         raise _wrong_layout(name, root, layout)
-    pairs = []
-    for path in sorted((root / "annotations").glob("*.json")):
+    splits = _read_json(splits_file)
+    if not isinstance(splits, dict):
+        raise ValueError(f"{splits_file}: expected {{split: [annotation files]}}")
+    images, captions = [], []
+    for file_name in (f for files in splits.values() for f in files):
+        path = root / "annotations" / file_name
+        if not path.is_file():
+            raise FileNotFoundError(f"benchmark {name!r}: {splits_file} names {path}, absent")
         record = _read_json(path)
-        parts = (record.get("short_caption") or "", record.get("extra_caption") or "")
-        caption = " ".join(p.strip() for p in parts if p.strip())
-        pairs.append((_field(record, "image", str(path)), _nonempty(caption, str(path))))
-    pairs.sort()
-    images = [root / "photos" / image for image, _ in pairs]
+        text = f"{record.get('short_caption') or ''}\n{record.get('extra_caption') or ''}"
+        images.append(root / "photos" / _field(record, "image", str(path)))
+        captions.append(_nonempty(rejoin_sentences(text), str(path)))
     _require_images(name, images)
-    return RetrievalSet(name, images, [caption for _, caption in pairs])
+    return RetrievalSet(name, images, captions)
 
 
 LOADERS: dict[str, Callable[[str, Mapping[str, Any]], RetrievalSet]] = {

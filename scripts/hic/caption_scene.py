@@ -67,9 +67,10 @@ class CaptionSettings:
 
     backend: str = "transformers"
     batch_size: int = 8
-    max_new_tokens: dict[str, int] = field(default_factory=lambda: {"short": 48, "long": 320})
+    # The paper's lengths: short about 20-25 words, long 120-175; accepted a little wider.
+    max_new_tokens: dict[str, int] = field(default_factory=lambda: {"short": 64, "long": 384})
     words: dict[str, list[int]] = field(
-        default_factory=lambda: {"short": [3, 40], "long": [15, 500]}
+        default_factory=lambda: {"short": [8, 40], "long": [80, 260]}
     )
     min_pixels: int = 3136
     max_pixels: int = 802816
@@ -103,7 +104,15 @@ _PREFACE = re.compile(
     r"|(?:short |long |dense )?(?:caption|description)\s*:\s*)",
     re.IGNORECASE,
 )
-_MARKDOWN = re.compile(r"[*#_`]+")
+# Markdown markup only, never characters inside words ("jersey #23", "NO_PARKING", "5*3"):
+# heading and list markers at a line's start, and emphasis or code marks that open before a
+# word or close after one, on a word's outer edge.
+_MARKDOWN = re.compile(
+    r"^[ \t]*(?:#{1,6}[ \t]+|[*+-][ \t]+|>[ \t]*)"
+    r"|(?<![\w*_`])[*_`]+(?=[^\s*_`])"
+    r"|(?<=[^\s*_`])[*_`]+(?![\w*_`])",
+    re.MULTILINE,
+)
 
 
 def clean_caption(text: str) -> str:

@@ -2,12 +2,15 @@
 
 Method, per image:
 
-1. Candidates: names from a curated vocabulary (``data/vocabulary/things.txt`` for objects,
-   ``stuff.txt`` for background) found in the scene's long caption (short caption if the long
-   one is missing), matched on whole words after a light lemmatisation of plurals, multi-word
-   names first. When the caption names nothing (or did not parse), the whole vocabulary is
-   queried instead (``fallback: vocabulary``), so an image is never skipped silently; the
-   ``query_source`` column says which happened.
+1. Candidates: the things the scene's long caption (short caption if the long one is
+   missing) names: names from a curated vocabulary (``data/vocabulary/things.txt`` for
+   objects, ``stuff.txt`` for background) matched on whole words after lemmatisation by
+   lemminflect (irregular plurals included), multi-word names first; then the head noun of
+   every other noun phrase, found by a small rule set over lemminflect's part-of-speech
+   lexicon (no tagger model: none installs offline from the package index), so names outside
+   the list ("artist", "surfer") are candidates too. When the caption names nothing (or did
+   not parse), the whole vocabulary is queried instead (``fallback: vocabulary``), so an
+   image is never skipped silently; the ``query_source`` column says which happened.
 2. Boxes: OWLv2 (``AutoModelForZeroShotObjectDetection``) scores every candidate name; the
    ``top_k`` best boxes per name above ``detector_threshold`` are kept.
 3. Masks: SAM, prompted with each object box, gives a tight box and the mask area. SAM's
@@ -22,8 +25,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
+import lemminflect
 import numpy as np
 import pyarrow as pa
 import torch
@@ -52,34 +57,183 @@ def load_vocabulary(path: Path) -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
-def surface_forms(name: str) -> set[str]:
-    """The name and its regular plurals (last word inflected): "teddy bear" -> "teddy bears"."""
-    *head, last = name.split()
-    plurals = {last, last + "s", last + "es"}
-    if last.endswith("y"):
-        plurals.add(last[:-1] + "ies")
-    if last.endswith("f"):
-        plurals.add(last[:-1] + "ves")
-    return {" ".join([*head, p]) for p in plurals}
+# Closed-class words: they end or open a noun phrase and are never names. A finite list, so
+# hand-written; everything open-class (nouns, adjectives, verbs) is looked up in lemminflect.
+_SINGULAR_DETERMINERS = frozenset("a an one this that each every another either".split())
+_PLURAL_DETERMINERS = frozenset(
+    "two three four five six seven eight nine ten dozens several many few these those "
+    "multiple numerous various both".split()
+)
+_DETERMINERS = (
+    _SINGULAR_DETERMINERS
+    | _PLURAL_DETERMINERS
+    | frozenset("the some any no his her its their our my your whose".split())
+)
+_CLOSED = _DETERMINERS | frozenset(
+    """and or but nor so yet if than then as of in on at to by for from with without within
+    into onto inside outside over under above below near beside behind between among around
+    along across through against toward towards past beyond upon via while where when which
+    who whom what that there here it they them he she him we us you i me is are was were be
+    been being am has have had having do does did can could will would may might shall should
+    must not very also just only too quite rather almost partly mostly slightly more most less
+    least other others such same own all both each either neither""".split()
+)
+# Nouns a caption uses to talk about the picture rather than name something in it.
+_FRAMING = frozenset(
+    """image picture photo photograph scene view frame shot setting composition left right
+    side top bottom middle centre center front foreground distance corner edge part portion
+    area section half detail colour color shade tone hue shape size texture pattern style
+    atmosphere mood feeling sense impression moment time day lot variety number kind type
+    sort bit piece couple pair group row line series""".split()
+)
+_TOKEN = re.compile(r"[a-z]+(?:-[a-z]+)*|[^\sa-z]")
+
+
+@lru_cache(maxsize=65536)
+def _lemmas(word: str) -> dict[str, tuple[str, ...]]:
+    """lemminflect's lemmas by part of speech. An unknown hyphenated word takes its last
+    part's parts of speech ("paint-stained" is a participle); other unknown words are nouns."""
+    if found := lemminflect.getAllLemmas(word):
+        return found
+    *_, last = word.split("-")
+    if last != word and (parts := lemminflect.getAllLemmas(last)):
+        return {pos: (word,) for pos in parts}
+    return {"NOUN": (word,)}
+
+
+def noun_lemmas(word: str) -> tuple[str, ...]:
+    """The noun lemmas of ``word`` ("women" -> woman, "leaves" -> leave, leaf), else itself."""
+    return _lemmas(word).get("NOUN") or (word,)
+
+
+def _is_plural(word: str) -> bool:
+    return word not in noun_lemmas(word)
+
+
+def _verb_form(word: str) -> bool:
+    """An inflected verb ("rides", "sitting", "parked", "fallen"): after a noun it ends the
+    noun phrase; before one it is a participle modifying it ("a parked car")."""
+    *_, last = word.split("-")
+    verbs = _lemmas(last).get("VERB", (last,))
+    return last not in verbs and last.endswith(("s", "ing", "ed", "en"))
+
+
+def _phrase_head(words: list[str], opener: str | None) -> int | None:
+    """Index in ``words`` (a run after ``opener``) of the noun phrase's head noun, or None.
+
+    The run ends at its first word that cannot modify or name (a verb, an adverb), after a
+    plural noun, and at an inflected verb after a noun ("a surfer rides", "a man sitting").
+    After a singular determiner a plural form is a verb; after a plural one, the first plural
+    noun is the head ("two women walk")."""
+    head = None
+    for i, word in enumerate(words):
+        pos = _lemmas(word)
+        if not {"NOUN", "ADJ"} & pos.keys() and not _verb_form(word):
+            break
+        if head is not None and "VERB" in pos and _is_plural(words[head]):
+            break  # "the dogs bark"
+        if (
+            head is not None
+            and _verb_form(word)
+            and (
+                opener in _SINGULAR_DETERMINERS
+                or not word.endswith("s")
+                or not _is_plural(word)
+                or opener not in _PLURAL_DETERMINERS
+            )
+        ):
+            break
+        # without a determiner, a leading "-ing"/"-ed" form is a verb: "holding kites"
+        participle = _verb_form(word) and not word.endswith("s")
+        if "NOUN" in pos and not (opener is None and head is None and participle):
+            head = i
+            if _is_plural(word) and (opener is None or opener in _PLURAL_DETERMINERS):
+                break
+    return head
+
+
+def _phrase_heads(words: list[str]) -> list[tuple[int, str]]:
+    """(position, name) of each noun phrase's head in ``words`` (tokens, lower case).
+
+    A phrase opens after a determiner ("a surfer", "the ocean", "two women"), or after a
+    preposition or at the start with a plural ("Surfers ride", "with leaves"). The name is
+    the head's noun lemma, with a noun-only modifier kept ("a fire hydrant", "a tennis
+    racket"); picture-framing nouns ("the left side of the image") and closed-class words
+    are not names."""
+    heads, in_phrase = [], set()
+    for i, word in enumerate(words):
+        # a bare plural may also follow a verb ("surfers ride waves", "holding flowers"), but
+        # not a noun that could be one ("a bus drives": "bus" heads a phrase already)
+        previous = words[i - 1] if i else "."
+        starts = (
+            not previous[0].isalpha()
+            or previous in _CLOSED
+            or ("VERB" in _lemmas(previous) and i - 1 not in in_phrase)
+        )
+        if word in _CLOSED or not word[0].isalpha() or not starts:
+            continue
+        opener = words[i - 1] if i and words[i - 1] in _DETERMINERS else None
+        run = []
+        for w in words[i:]:
+            if w in _CLOSED or not w[0].isalpha():
+                break
+            run.append(w)
+        h = _phrase_head(run, opener)
+        if h is None:
+            continue
+        in_phrase.update(range(i, i + h + 1))
+        if opener is None and not _is_plural(run[h]):
+            continue
+        lemma = noun_lemmas(run[h])[-1]
+        if lemma in _FRAMING or lemma in _CLOSED or len(lemma) < 3:
+            continue
+        modifier = run[h - 1] if h else None
+        if (
+            modifier
+            and "NOUN" in (pos := _lemmas(modifier))
+            and "ADJ" not in pos
+            and not _verb_form(modifier)
+            and not _is_plural(modifier)
+        ):
+            lemma = f"{modifier} {lemma}"
+        heads.append((i + h, lemma))
+    return heads
 
 
 def caption_objects(text: str | None, vocabulary: list[str]) -> list[str]:
-    """Vocabulary names (or their plurals) in ``text``, in order of first mention, each once.
+    """Names of the things ``text`` mentions, in order of first mention, each once.
 
-    Longer names are matched first and claim their words, so "night sky" is not also "sky"."""
+    Vocabulary names are matched first, on whole words with the last word lemmatised by
+    lemminflect ("women" -> woman, "knives" -> knife, "teddy bears" -> teddy bear), longer
+    names first and claiming their words, so "night sky" is not also "sky". Then the head of
+    every other noun phrase (:func:`_phrase_heads`) becomes a name of its own, so "artist" or
+    "surfer" is a candidate although no curated list holds it."""
     if not text:
         return []
-    words = re.findall(r"[a-z]+", text.lower())
+    words = _TOKEN.findall(normalise_words(text))
+    lemmas = [set(noun_lemmas(w)) | {w} if w[0].isalpha() else set() for w in words]
     found: dict[str, int] = {}
     taken = [False] * len(words)
     for name in sorted(vocabulary, key=lambda n: -len(n.split())):
-        forms = {tuple(f.split()) for f in surface_forms(name)}
-        n = len(name.split())
+        *first, last = name.split()
+        n = len(first) + 1
         for i in range(len(words) - n + 1):
-            if tuple(words[i : i + n]) in forms and not any(taken[i : i + n]):
+            if (
+                words[i : i + n - 1] == first
+                and last in lemmas[i + n - 1]
+                and not any(taken[i : i + n])
+            ):
                 found.setdefault(name, i)
                 taken[i : i + n] = [True] * n
+    for i, name in _phrase_heads(words):
+        if not taken[i]:
+            found.setdefault(name, i)
     return sorted(found, key=found.get)
+
+
+def normalise_words(text: str) -> str:
+    """Lower case, possessives dropped ("the surfer's board" -> "the surfer board")."""
+    return re.sub(r"['’]s\b", "", text.lower())
 
 
 def to_original(bbox: list[float], scale_x: float, scale_y: float) -> list[float]:

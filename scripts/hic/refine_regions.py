@@ -8,8 +8,12 @@ row records which of the three paths produced it.
 
 Matching rules (the contract: none of ``BOX_PHRASES`` survives in an accepted caption):
 
-- Phrases match case-insensitively on whole words; "bounding box" also matches "bounding-box"
-  and the plural "bounding boxes", a term with no meaning outside annotation. "border" does
+- Text is compared after :func:`normalise_text` (Unicode NFKC, invisible characters dropped,
+  every hyphen and dash variant made "-"), so a phrase spelled with look-alike characters is
+  still found. Phrases match case-insensitively on whole words, their words joined by spaces,
+  hyphens or nothing ("bounding box", "bounding-box", "boundingbox", "bounding‑box" with a
+  non-breaking hyphen); "bounding box" also matches the plural "bounding boxes", a term with
+  no meaning outside annotation. "border" does
   not match "borderline", "bordering", "bordered" or the plural "borders": the drawn outline is
   one border, while "flower borders" or "the borders of a rug" are picture content.
 - Removal takes the outline phrase together with the words that only attach it: a determiner
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 
 from hic.text import text_problem
 
@@ -44,24 +49,38 @@ BOX_PHRASES: tuple[str, ...] = (
 )
 
 
+# Soft hyphen, zero-width space/joiners, word joiner, BOM: invisible, and they split a word.
+_INVISIBLE = dict.fromkeys(map(ord, "\u00ad\u200b\u200c\u200d\u2060\ufeff"))
+# Hyphens, dashes and minus signs that NFKC leaves as they are.
+_DASHES = re.compile("[\u2010-\u2015\u2212\u2e3a\u2e3b\ufe58\ufe63\uff0d]")
+
+
+def normalise_text(text: str) -> str:
+    """``text`` as the phrase matching sees it: NFKC, invisible characters dropped, every
+    hyphen or dash as "-". The release checks use it too, so they read text the same way."""
+    text = unicodedata.normalize("NFKC", text).translate(_INVISIBLE)
+    return _DASHES.sub("-", text)
+
+
 def _phrase_pattern(phrase: str) -> re.Pattern[str]:
     words = phrase.split()
     last = words[-1] + ("(?:es)?" if words[-1] == "box" else "")
-    return re.compile(r"\b" + r"[\s-]+".join([*words[:-1], last]) + r"\b", re.IGNORECASE)
+    return re.compile(r"\b" + r"[\s-]*".join([*words[:-1], last]) + r"\b", re.IGNORECASE)
 
 
 _PHRASE_PATTERNS = [(p, _phrase_pattern(p)) for p in BOX_PHRASES]
 
 # Every listed phrase contains one of these two cores, so removing every core occurrence
 # is what guarantees the contract; the words around it are removed only to keep grammar.
-_CORE = r"(?:bounding[\s-]+box(?:es)?|border)"
-_ANY_CORE = re.compile(rf"\b{_CORE}\b", re.IGNORECASE)
+_CORE = r"(?:bounding[\s-]*box(?:es)?|border)"
+# The listed colours may be glued on ("redborder"), as a phrase's words may be.
+_ANY_CORE = re.compile(rf"\b(?:(?:red|green)-?)?{_CORE}\b", re.IGNORECASE)
 _MODIFIER = (
     r"(?:red|green|blue|yellow|orange|purple|pink|white|black|gr[ae]y"
     r"|thin|thick|bold|bright|dashed|dotted|solid|rectangular|square)"
 )
 _DETERMINER = r"(?:the|a|an|this|that|these|those|its|two|both)"
-_BOX = rf"(?:{_DETERMINER}\s+)?(?:{_MODIFIER}[\s-]+){{0,3}}{_CORE}\b(?:['’]s)?"
+_BOX = rf"(?:{_DETERMINER}\s+)?(?:{_MODIFIER}[\s-]*){{0,3}}{_CORE}\b(?:['’]s)?"
 _PREP = (
     r"(?:within|inside(?:\s+of)?|outside(?:\s+of)?|in|by|with|on|at|along|around|near"
     r"|next\s+to|close\s+to)"
@@ -101,7 +120,9 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 def contains_box_phrase(text: str) -> str | None:
-    """The most specific listed phrase found in ``text`` (whole words, any case), else None."""
+    """The most specific listed phrase found in ``text`` (whole words, any case, after
+    :func:`normalise_text`), else None."""
+    text = normalise_text(text)
     return next((p for p, pattern in _PHRASE_PATTERNS if pattern.search(text)), None)
 
 
@@ -132,8 +153,11 @@ def _clean_sentence(sentence: str) -> str:
 
 
 def remove_box_phrases(text: str) -> str:
-    """``text`` without any outline phrase, sentence by sentence; emptied sentences vanish."""
-    sentences = (_clean_sentence(s) for s in _SENTENCE_END.split(text.strip()))
+    """``text`` without any outline phrase, sentence by sentence; emptied sentences vanish.
+
+    The text is normalised (:func:`normalise_text`) first, so what is removed is what
+    :func:`contains_box_phrase` finds."""
+    sentences = (_clean_sentence(s) for s in _SENTENCE_END.split(normalise_text(text).strip()))
     return " ".join(s for s in sentences if s)
 
 
@@ -168,14 +192,44 @@ def build_prompt(template: str, label: str, caption: str) -> str:
     return re.sub(r"\{(label|caption)\}", lambda m: values[m[1]], template)
 
 
-def _names_label(candidate: str, label: str) -> bool:
-    """Every word of ``label`` is a word of ``candidate``, a plural ending allowed."""
-    words = set(re.findall(r"\w+", candidate.lower()))
-    return all({g, g + "s", g + "es"} & words for g in re.findall(r"\w+", _normalise_label(label)))
+# Function words carry no content a rewrite must keep: the LLM may rephrase around them.
+_FUNCTION_WORDS = frozenset(
+    """a an the this that these those it its it's they them their there here is are was were be
+    been being has have had does do did and or but nor so as of in on at to by for from with
+    within into onto inside outside over under above below near next beside behind between
+    among around along across through which who whom whose what where when while than then
+    also very quite some any each other another one s""".split()
+)
+#: Content words of the raw caption an accepted rewrite may lose, per ten (rewording a verb,
+#: a synonym); "Nice." for a three-sentence caption loses them all.
+MAX_DROPPED_PER_TEN = 1
 
 
-def _problem(refined: dict, label: str) -> str | None:
-    """Why ``refined`` breaks the output contract, or None when it holds."""
+def _stem(word: str) -> str:
+    """A crude stem: "sits", "sitting" and "sit" meet; irregular forms ("sat") do not."""
+    word = re.sub(r"['’]s$", "", word)
+    for suffix in ("ing", "ed", "es", "s"):
+        if len(word) > len(suffix) + 2 and word.endswith(suffix):
+            word = word[: -len(suffix)]
+            break
+    return word[:-1] if len(word) > 3 and word[-1] == word[-2] else word
+
+
+def _content_stems(text: str) -> set[str]:
+    words = re.findall(r"[^\W_]+(?:['’]s)?", normalise_text(text).lower())
+    return {_stem(w) for w in words if w not in _FUNCTION_WORDS and not w.isdigit()}
+
+
+def dropped_content(caption: str, raw: str, label: str) -> list[str]:
+    """Content words of ``raw`` (after the label opening and the box phrases are removed, as
+    the fallback removes them; the label's own words aside) that ``caption`` does not keep."""
+    kept = _content_stems(caption) | _content_stems(label)
+    source = remove_box_phrases(split_label(raw, label)[1])
+    return sorted(_content_stems(source) - kept)
+
+
+def _problem(refined: dict, label: str, raw: str) -> str | None:
+    """Why ``refined`` breaks the output contract for ``raw``, or None when it holds."""
     for key in ("label", "caption"):
         value = refined.get(key)
         if not isinstance(value, str) or not value.strip():
@@ -185,20 +239,27 @@ def _problem(refined: dict, label: str) -> str | None:
         return f"caption still contains {phrase!r}"
     if problem := text_problem(caption):
         return f"caption is {problem}"
-    if not _names_label(refined["label"], label):
-        return f"label {refined['label'].strip()!r} does not name {label!r}"
+    if _normalise_label(refined["label"]) != _normalise_label(label):
+        return f"label {refined['label'].strip()!r} is not {label!r}"
     if split_label(caption, label)[1] != caption.strip():
         return "caption still opens with its label"
+    dropped = dropped_content(caption, raw, label)
+    allowed = len(_content_stems(remove_box_phrases(split_label(raw, label)[1])))
+    if len(dropped) > allowed * MAX_DROPPED_PER_TEN // 10:
+        return f"caption drops {len(dropped)} content words of the raw caption: {dropped[:5]}"
     return None
 
 
-def parse_refined(output: str, label: str) -> tuple[dict | None, str | None]:
-    """({"label", "caption"}, None) when ``output`` holds a valid answer, else (None, reason).
+def parse_refined(output: str, label: str, raw: str) -> tuple[dict | None, str | None]:
+    """({"label", "caption"}, None) when ``output`` holds a valid answer for the raw caption
+    ``raw``, else (None, reason).
 
     The JSON object is the text from the first "{" to the last "}", which drops code fences
     and chatter around it; it must then be strict JSON (no single quotes or trailing commas):
     a model that cannot write JSON is not trusted with the caption either. The answer's label
-    must name the given one (its words, plurals allowed), so "brown dog" passes for "dog".
+    must be the region's label (case and spacing aside): the release says that label was
+    verified, so "hot dog stand" for "dog" is rejected. Its caption must keep the raw
+    caption's content words (:func:`dropped_content`, :data:`MAX_DROPPED_PER_TEN`).
     """
     if not output.strip():
         return None, "empty output"
@@ -209,9 +270,9 @@ def parse_refined(output: str, label: str) -> tuple[dict | None, str | None]:
         parsed = json.loads(output[start : end + 1])
     except json.JSONDecodeError as err:
         return None, f"not valid JSON ({err.msg})"
-    if problem := _problem(parsed, label):
+    if problem := _problem(parsed, label, raw):
         return None, problem
-    return {"label": parsed["label"].strip(), "caption": parsed["caption"].strip()}, None
+    return {"label": _normalise_label(label), "caption": parsed["caption"].strip()}, None
 
 
 def refine(raw_caption: str | None, label: str, llm_output: str | None) -> dict:
@@ -219,7 +280,7 @@ def refine(raw_caption: str | None, label: str, llm_output: str | None) -> dict:
     if llm_output is None:
         llm_reason = "no LLM output"
     else:
-        refined, llm_reason = parse_refined(llm_output, label)
+        refined, llm_reason = parse_refined(llm_output, label, raw_caption or "")
         if refined is not None:
             return {**refined, "refine_path": "llm", "refine_reason": None}
     name, description = split_label(raw_caption or "", label)
@@ -227,7 +288,7 @@ def refine(raw_caption: str | None, label: str, llm_output: str | None) -> dict:
     fallback_reason = (
         "no raw caption"
         if raw_caption is None
-        else _problem({"label": name, "caption": caption}, label)
+        else _problem({"label": name, "caption": caption}, label, raw_caption)
     )
     if fallback_reason is None:
         return {
