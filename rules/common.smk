@@ -46,10 +46,20 @@ def model_files(role):
 
 
 def vlm_options():
-    """Image-size limits and vLLM engine arguments the region stages share with scene
-    captioning (the same model, loaded the same way)."""
+    """Image-size limits, decoding and vLLM engine arguments the region stages share with
+    scene captioning (the same model, loaded and decoded the same way)."""
     scene = config["caption_scene"]
-    return {k: scene[k] for k in ("min_pixels", "max_pixels", "vllm")}
+    decoding = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+    return {
+        **{k: scene[k] for k in ("min_pixels", "max_pixels", "vllm")},
+        "decoding": {k: scene[k] for k in decoding},
+    }
+
+
+def vlm_env():
+    """The VLM stages' software: vLLM's own pinned environment when it is the backend."""
+    vllm = config["caption_scene"]["backend"] == "vllm"
+    return "../envs/vlm.yaml" if vllm else "../envs/caption_scene.yaml"
 
 
 def demo_reference():
