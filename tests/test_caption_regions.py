@@ -3,7 +3,7 @@ import json
 from PIL import Image
 
 from hic.caption_regions import RegionCaptionSettings, caption_regions, shape_caption
-from hic.models import GREEDY, Generation
+from hic.decoding import GREEDY, Generation
 
 
 class Scripted:

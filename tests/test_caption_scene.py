@@ -25,8 +25,8 @@ from hic.caption_scene import (
     parse_caption,
     prompt_hash,
 )
+from hic.decoding import Generation
 from hic.download import STATUS_SCHEMA
-from hic.models import Generation
 
 PROMPTS = {"short": "Say it short.", "long": "Say it long."}
 MODEL = {"id": "scripted", "revision": "r1"}
@@ -200,7 +200,7 @@ from hic.caption_scene import CaptionSettings, caption_shard
 
 calls, delay = Path(sys.argv[1]), float(sys.argv[2])
 
-from hic.models import Generation
+from hic.decoding import Generation
 
 class Slow:
     def generate(self, images, prompts, max_new_tokens):

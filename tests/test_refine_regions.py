@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from hic.models import GREEDY, Generation
+from hic.decoding import GREEDY, Generation
 from hic.refine_regions import (
     BOX_PHRASES,
     build_prompt,

@@ -3,7 +3,7 @@ import json
 import pytest
 from PIL import Image
 
-from hic.models import GREEDY, Generation
+from hic.decoding import GREEDY, Generation
 from hic.verify_labels import VerifySettings, parse_label, verify_regions
 
 PROMPTS = {"verify": "Is {label} in the {colour} box?", "correct": "Not {label}; what is it?"}

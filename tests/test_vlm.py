@@ -10,9 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from hic.decoding import Decoding, Generation
 from hic.models import (
-    Decoding,
-    Generation,
     ModelRef,
     ModelUnavailableError,
     build_tiny_vlm,

@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from hic.models import Decoding, Generation
+from hic.decoding import Decoding, Generation
 from hic.text import output_problem, text_problem
 
 log = logging.getLogger(__name__)

@@ -14,9 +14,8 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -43,6 +42,8 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+from hic.decoding import GREEDY, Decoding, Generation
 
 
 @dataclass(frozen=True)
@@ -493,64 +494,6 @@ class Stopwatch:
 
     def __exit__(self, *exc) -> None:
         self.seconds += time.perf_counter() - self._start
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """Every decoding parameter, set explicitly and alike on both backends.
-
-    Hugging Face's ``generate`` fills each parameter left unset from the checkpoint's
-    ``generation_config`` (Qwen2.5-VL-Instruct's sets ``top_k: 1``, which turns sampling into
-    greedy decoding, and ``repetition_penalty: 1.05``); vLLM's ``SamplingParams`` do not. So
-    none is left unset: 0 turns top-k off, 1.0 turns top-p and the penalty off."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-
-    @classmethod
-    def from_config(cls, d: dict) -> Decoding:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
-
-    def effective(self) -> dict:
-        """The values that act, as recorded in each row's provenance: greedy decoding takes
-        the most likely token, so temperature, top-p and top-k do not act there."""
-        if self.do_sample:
-            return asdict(self)
-        return {
-            "do_sample": False,
-            "temperature": 0.0,
-            "top_p": 1.0,
-            "top_k": 0,
-            "repetition_penalty": self.repetition_penalty,
-        }
-
-
-GREEDY = Decoding()
-
-
-class Generation(NamedTuple):
-    """A generated text and why it ended: ``stop`` (the model's end token) or ``length``
-    (cut off at the token limit, as vLLM names it)."""
-
-    text: str
-    finish_reason: str
-
-    @property
-    def truncated(self) -> bool:
-        return self.finish_reason == "length"
 
 
 def hf_generation_config(model: PreTrainedModel, decoding: Decoding, max_new_tokens: int):

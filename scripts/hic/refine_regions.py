@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import re
 
-from hic.models import Generation
+from hic.decoding import Generation
 from hic.text import output_problem, text_problem
 
 #: The paper's phrases, most specific first so a match names the longest one.

@@ -21,10 +21,8 @@ from collections.abc import Sequence
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
+from hic.decoding import GREEDY, Decoding, Generation
 from hic.models import (
-    GREEDY,
-    Decoding,
-    Generation,
     ModelRef,
     Stopwatch,
     chat_messages,
