@@ -3,9 +3,10 @@
 # (requirements-vlm.txt), without installing that environment: a side venv holds only that
 # transformers and reads every other package from the project's .venv (a .pth file).
 # Usage: tests/vlm_env/check.sh [pytest args]   (needs the package index once; then cached)
+# HIC_TRANSFORMERS_VERSION=5.17.0 tests another release (e.g. the GPU machine's).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
-version="$(sed -n 's/^transformers==//p' "$root/requirements-vlm.txt")"
+version="${HIC_TRANSFORMERS_VERSION:-$(sed -n 's/^transformers==//p' "$root/requirements-vlm.txt")}"
 venv="${VLM_ENV_VENV:-/tmp/hic-venv-transformers-$version}"
 base="$("$root/.venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import transformers, sys; sys.exit(transformers.__version__ != '$version')" 2>/dev/null; then
