@@ -550,6 +550,8 @@ def generate_texts(
     limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(limits) != n:
         raise ValueError(f"{len(limits)} token limits for {n} prompts")
+    if images is not None and len(images) != n:
+        raise ValueError(f"{len(images)} images but {n} prompts")
     keys = [
         (limits[i], 0 if images is None else images[i].width * images[i].height, len(prompts[i]))
         for i in range(n)
