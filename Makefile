@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE := disabled
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test lint install clean cost retry-downloads
+.PHONY: run test lint install clean cost retry-downloads test-vlm-env
 
 $(VENV)/.installed: requirements.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ lint: install
 
 test: lint
 	$(BIN)/pytest
+
+# The VLM tests under the vLLM environment's transformers (requirements-vlm.txt), in a side venv.
+test-vlm-env: install
+	tests/vlm_env/check.sh
 
 # `make cost COST="--images 12000000 --gpus 64"`: a run's bill from results/benchmarks (README).
 COST ?= --images 12000000 --gpus 64 --cpu-jobs 32 --shard-size 10000

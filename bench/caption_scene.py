@@ -75,6 +75,7 @@ def main() -> None:
         results = {}
         for batch_size in (1, args.batch_size):
             settings = CaptionSettings(**{**base.__dict__, "batch_size": batch_size})
+            backend.batch_size = batch_size  # requests per generate call, sorted by length
             out = tmp / f"scene_b{batch_size}.parquet"
             summary = caption_shard(
                 tar, status, out, PROMPTS, settings, backend, {"id": str(model_dir)}

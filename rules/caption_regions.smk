@@ -18,7 +18,7 @@ rule caption_regions:
     benchmark:
         "results/benchmarks/caption_regions/{shard}.tsv"
     conda:
-        "../envs/caption_scene.yaml"
+        vlm_env()
     threads: 2
     resources:
         gpu=1,

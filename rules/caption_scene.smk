@@ -18,7 +18,7 @@ rule caption_scene:
     benchmark:
         "results/benchmarks/caption_scene/{shard}.tsv"
     conda:
-        "../envs/caption_scene.yaml"
+        vlm_env()
     threads: 2
     resources:
         gpu=1,

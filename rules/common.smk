@@ -64,10 +64,21 @@ def model_files(role):
 
 
 def vlm_options():
-    """Image-size limits the region stages share with scene captioning (the same model, loaded
-    the same way). vLLM's engine arguments only change speed: scripts read them from the config."""
+    """Image-size limits and decoding the region stages share with scene captioning (the same
+    model, loaded and decoded the same way). vLLM's engine arguments only change speed: the
+    scripts read them from the config (hic.speed)."""
     scene = config["caption_scene"]
-    return {k: scene[k] for k in ("min_pixels", "max_pixels")}
+    decoding = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+    return {
+        **{k: scene[k] for k in ("min_pixels", "max_pixels")},
+        "decoding": {k: scene[k] for k in decoding},
+    }
+
+
+def vlm_env():
+    """The VLM stages' software: vLLM's own pinned environment when it is the backend."""
+    vllm = config["caption_scene"]["backend"] == "vllm"
+    return "../envs/vlm.yaml" if vllm else "../envs/caption_scene.yaml"
 
 
 def demo_reference():

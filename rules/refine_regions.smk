@@ -16,7 +16,7 @@ rule refine_regions:
     benchmark:
         "results/benchmarks/refine_regions/{shard}.tsv"
     conda:
-        "../envs/caption_scene.yaml"
+        vlm_env()
     threads: 2
     resources:
         gpu=1,

@@ -3,6 +3,9 @@
 # shard_urls' code, re-crawls nothing, while an edited list or new shard settings re-shard and
 # re-download in the same run (README, "Re-running").
 rule url_source:
+    input:
+        # Named by content in params.source, so never compared by modification time.
+        lists=ancient(url_lists()),
     output:
         source="results/urls/source.json",
     params:

@@ -19,7 +19,7 @@ rule verify_labels:
     benchmark:
         "results/benchmarks/verify_labels/{shard}.tsv"
     conda:
-        "../envs/caption_scene.yaml"
+        vlm_env()
     threads: 2
     resources:
         gpu=1,

@@ -15,8 +15,8 @@ backend = make_backend(
     ModelRef.from_config(model),
     min_pixels=settings.min_pixels,
     max_pixels=settings.max_pixels,
-    do_sample=settings.do_sample,
-    temperature=settings.temperature,
+    decoding=settings.decoding(),
+    batch_size=settings.batch_size,
     vllm=settings.vllm,
 )
 inp = snakemake.input

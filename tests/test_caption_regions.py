@@ -1,15 +1,23 @@
+import json
+
 from PIL import Image
 
 from hic.caption_regions import RegionCaptionSettings, caption_regions, shape_caption
+from hic.decoding import GREEDY, Generation
 
 
 class Scripted:
+    """Answers in order: a text the model ended, or a Generation."""
+
+    decoding = GREEDY
+
     def __init__(self, answers):
         self.answers, self.prompts = list(answers), []
 
     def generate(self, images, prompts, max_new_tokens):
         self.prompts += prompts
-        return [self.answers.pop(0) for _ in prompts]
+        answers = [self.answers.pop(0) for _ in prompts]
+        return [a if isinstance(a, Generation) else Generation(a, "stop") for a in answers]
 
 
 def views(labels):
@@ -45,3 +53,29 @@ def test_shape_caption():
     assert shape_caption("Doghouse in the garden", "dog") == "Dog. Doghouse in the garden."
     assert shape_caption("Dog lying on grass", "dog") == "Dog. Dog lying on grass."
     assert shape_caption("Dog: a brown dog", "dog") == "Dog: a brown dog."
+
+
+def test_cut_off_and_looping_captions_are_marked_not_ok():
+    cut = "Sign. A sign with white text (including"
+    loop = "A red sign on a pole. " * 10
+    good = "A red sign stands on a pole by the road."
+    backend = Scripted([Generation(cut, "length"), loop, good])
+    rows = caption_regions(
+        views(["sign", "sign", "sign"]),
+        backend,
+        "{label}",
+        RegionCaptionSettings(batch_size=3, words=[4, 120]),
+    )
+    assert [r["caption_status"] for r in rows] == ["truncated", "repetitive", "ok"]
+    assert rows[0]["raw_caption"] is None  # no "(including." with a full stop appended
+    assert rows[0]["caption_model_output"] == cut
+    assert rows[1]["caption_reason"].startswith("repetitive")
+    recorded = json.loads(rows[2]["caption_generation"])
+    assert recorded == {
+        "do_sample": False,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "repetition_penalty": 1.0,
+        "max_new_tokens": 192,
+    }

@@ -16,13 +16,16 @@ import pytest
 from PIL import Image
 
 from hic.caption_scene import (
+    MAX_FAILURE_STREAK,
     SCENE_SCHEMA,
+    STATUSES,
     CaptionSettings,
     caption_shard,
     clean_caption,
     parse_caption,
     prompt_hash,
 )
+from hic.decoding import Generation
 from hic.download import STATUS_SCHEMA
 
 PROMPTS = {"short": "Say it short.", "long": "Say it long."}
@@ -34,14 +37,21 @@ WORDS = {"short": [3, 40], "long": [15, 500]}
 
 
 class Scripted:
-    """A backend that answers from a function of the prompt and records every call."""
+    """A backend that answers from a function of the prompt (a text the model ended, or a
+    Generation) and records the number of requests of every call."""
 
     def __init__(self, answer):
         self.answer, self.calls = answer, []
 
     def generate(self, images, prompts, max_new_tokens):
+        assert len(images) == len(prompts) == len(max_new_tokens)
         self.calls.append(len(images))
-        return [self.answer(p) for p in prompts]
+        answers = [self.answer(p) for p in prompts]
+        return [a if isinstance(a, Generation) else Generation(a, "stop") for a in answers]
+
+
+def counts(**nonzero):
+    return dict.fromkeys(STATUSES, 0) | nonzero
 
 
 def good_answer(prompt):
@@ -70,10 +80,8 @@ def make_shard(folder: Path, n: int, failed: int = 1, corrupt: int = 0) -> tuple
 def run(tmp_path, backend, n=5, failed=1, corrupt=0, **settings):
     tar, status = make_shard(tmp_path / "in", n, failed, corrupt)
     out = tmp_path / "scene.parquet"
-    settings = {"words": WORDS, **settings}
-    summary = caption_shard(
-        tar, status, out, PROMPTS, CaptionSettings(batch_size=2, **settings), backend, MODEL
-    )
+    settings = CaptionSettings(**{"chunk_size": 2, "words": WORDS, **settings})
+    summary = caption_shard(tar, status, out, PROMPTS, settings, backend, MODEL)
     return pq.read_table(out), summary
 
 
@@ -92,8 +100,8 @@ def test_every_url_gets_a_row_with_status_and_provenance(tmp_path):
         assert (r["model_id"], r["model_revision"]) == ("scripted", "r1")
         assert r["prompt_hash"] == prompt_hash(PROMPTS)
         assert json.loads(r["generation"])["max_new_tokens"] == {"short": 64, "long": 384}
-    assert backend.calls == [2, 2, 2, 2, 1, 1]  # batches of 2 images, two prompts each
-    assert summary["status"] == {"ok": 5, "unparsed": 0, "failed": 2}
+    assert backend.calls == [4, 4, 2]  # chunks of 2 images, both prompts in one call
+    assert summary["status"] == counts(ok=5, failed=2)
     assert not (tmp_path / "scene.parquet.parts").exists()
 
 
@@ -103,14 +111,53 @@ def test_garbage_output_is_unparsed_and_the_run_completes(tmp_path):
     answers = {PROMPTS["short"]: short, PROMPTS["long"]: long}
     table, summary = run(tmp_path, Scripted(lambda p: next(answers[p])), n=6, failed=0)
     rows = table.to_pylist()
-    assert [r["status"] for r in rows] == ["unparsed"] * 2 + ["unparsed", "unparsed"] * 2
-    assert summary["status"]["unparsed"] == 6
+    assert [r["status"] for r in rows] == ["unparsed"] * 3 + ["repetitive"] + ["unparsed"] * 2
+    assert summary["status"] == counts(unparsed=5, repetitive=1)
     assert rows[0]["reason"] == "short: empty output; long: not text (0/12 letters)"
     assert rows[0]["long_raw"] == "%%% 1234 ### !!"  # raw output kept for inspection
     assert rows[1]["long_caption"] == LONG and rows[1]["long_raw"] is None  # the good half
     assert rows[2]["short_caption"] == "A fine short caption."
     assert rows[2]["reason"] == "long: 2 words, expected 15-500"
-    assert rows[3]["reason"].startswith("short: 1 words") and "long: 800 words" in rows[3]["reason"]
+    # A 40-fold repeated sentence is no caption, whatever its length.
+    assert (
+        rows[3]["reason"]
+        == "short: 1 words, expected 3-40; long: repetitive (97% of word 4-grams repeat)"
+    )
+    assert rows[3]["long_raw"] == " ".join([LONG] * 40)
+
+
+def test_an_answer_cut_off_at_the_token_limit_is_truncated_not_ok(tmp_path):
+    cut = "A long caption that describes a red ball, a box and white text (including"
+    answers = {
+        PROMPTS["short"]: iter(["A red ball on grass."] * 2),
+        PROMPTS["long"]: iter([Generation(cut, "length"), Generation(LONG, "stop")]),
+    }
+    table, summary = run(tmp_path, Scripted(lambda p: next(answers[p])), n=2, failed=0)
+    first, second = table.to_pylist()
+    assert first["status"] == "truncated" and first["reason"] == "long: cut off at the token limit"
+    assert first["long_caption"] is None and first["long_raw"] == cut
+    assert first["short_caption"] == "A red ball on grass."  # the good half is kept
+    assert second["status"] == "ok"
+    assert summary["status"] == counts(ok=1, truncated=1)
+
+
+def test_each_row_records_every_decoding_value_that_acts(tmp_path):
+    table, _ = run(tmp_path, Scripted(good_answer), n=1, failed=0, repetition_penalty=1.05)
+    greedy = json.loads(table.column("generation")[0].as_py())
+    assert greedy == {
+        "backend": "transformers",
+        "do_sample": False,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "repetition_penalty": 1.05,
+        "max_new_tokens": {"short": 64, "long": 384},
+        "min_pixels": 3136,
+        "max_pixels": 802816,
+    }
+    sampled = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 20}
+    table, _ = run(tmp_path / "s", Scripted(good_answer), n=1, failed=0, **sampled)
+    assert json.loads(table.column("generation")[0].as_py()).items() >= sampled.items()
 
 
 def test_undecodable_image_in_tar_fails_that_row_only(tmp_path):
@@ -170,18 +217,20 @@ from hic.caption_scene import CaptionSettings, caption_shard
 
 calls, delay = Path(sys.argv[1]), float(sys.argv[2])
 
+from hic.decoding import Generation
+
 class Slow:
     def generate(self, images, prompts, max_new_tokens):
         time.sleep(delay)
         with calls.open("a") as f:
-            f.write(json.dumps([im.size[0] for im in images]) + "\\n")
-        if prompts[0] == "s":
-            return ["A small test image."] * len(images)
-        return ["A long description of a small test image with plain words."] * len(images)
+            f.write(json.dumps([im.size[0] for im in images[::2]]) + "\\n")
+        return [Generation("A small test image." if p == "s" else
+                           "A long description of a small test image with plain words.", "stop")
+                for p in prompts]
 
 summary = caption_shard(Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5]),
                         {"short": "s", "long": "l"},
-                        CaptionSettings(batch_size=2, flush_every=1, words={"short": [3, 40],
+                        CaptionSettings(chunk_size=2, flush_every=1, words={"short": [3, 40],
                                         "long": [5, 100]}), Slow(), {"id": "slow"})
 print(json.dumps(summary))
 """
@@ -241,11 +290,11 @@ def test_parts_of_another_configuration_are_discarded(tmp_path):
     pa_rows = [{"key": f"{0:016x}", "status": "ok", "short_caption": "stale"}]
     pq.write_table(pa.Table.from_pylist(pa_rows, schema=SCENE_SCHEMA), stale / "part-00000.parquet")
     caption_shard(
-        tar, status, out, PROMPTS, CaptionSettings(batch_size=4, words=WORDS), backend, MODEL
+        tar, status, out, PROMPTS, CaptionSettings(chunk_size=4, words=WORDS), backend, MODEL
     )
     first = pq.read_table(out).to_pylist()[0]
     assert first["short_caption"] == "A red ball on grass."
-    assert backend.calls == [4, 4]
+    assert backend.calls == [8]
 
 
 def test_truncated_manifest_discards_the_parts_instead_of_failing(tmp_path):
@@ -256,7 +305,7 @@ def test_truncated_manifest_discards_the_parts_instead_of_failing(tmp_path):
     (stale / "manifest.json").write_text('{"fingerpr')  # a kill while it was written
     backend = Scripted(good_answer)
     caption_shard(
-        tar, status, out, PROMPTS, CaptionSettings(batch_size=4, words=WORDS), backend, MODEL
+        tar, status, out, PROMPTS, CaptionSettings(chunk_size=4, words=WORDS), backend, MODEL
     )
     assert [r["status"] for r in pq.read_table(out).to_pylist()] == ["ok"] * 3
 
@@ -268,20 +317,20 @@ def test_parts_of_other_images_or_parsing_are_discarded(tmp_path):
 
     class Killed(Scripted):
         def generate(self, images, prompts, max_new_tokens):
-            if len(self.calls) == 2:  # the first batch is flushed, then the job dies
+            if len(self.calls) == 1:  # the first chunk is flushed, then the job dies
                 raise KeyboardInterrupt
             return super().generate(images, prompts, max_new_tokens)
 
-    settings = CaptionSettings(batch_size=2, flush_every=1, words=WORDS)
+    settings = CaptionSettings(chunk_size=2, flush_every=1, words=WORDS)
     with pytest.raises(KeyboardInterrupt):
         caption_shard(tar, status, out, PROMPTS, settings, Killed(good_answer), MODEL)
     assert len(list(parts.glob("part-*.parquet"))) == 1
     # The shard is downloaded again with the same keys (new bytes), and the words range changes.
     os.utime(tar, ns=(1, 1))
     backend = Scripted(good_answer)
-    wider = CaptionSettings(batch_size=2, flush_every=1, words={"short": [1, 40], "long": [1, 500]})
+    wider = CaptionSettings(chunk_size=2, flush_every=1, words={"short": [1, 40], "long": [1, 500]})
     summary = caption_shard(tar, status, out, PROMPTS, wider, backend, MODEL)
-    assert summary["resumed_rows"] == 0 and backend.calls == [2, 2, 2, 2]
+    assert summary["resumed_rows"] == 0 and backend.calls == [4, 4]
 
 
 class Picky(Scripted):
@@ -300,7 +349,7 @@ def test_an_image_the_model_refuses_fails_alone(tmp_path):
     assert rows[3]["reason"] == (
         "generation failed: ValueError: absolute aspect ratio must be smaller than 200"
     )
-    assert summary["status"] == {"ok": 3, "unparsed": 0, "failed": 2}
+    assert summary["status"] == counts(ok=3, failed=2)
 
 
 def test_a_model_that_fails_every_image_stops_the_job(tmp_path):
@@ -311,3 +360,26 @@ def test_a_model_that_fails_every_image_stops_the_job(tmp_path):
     with pytest.raises(RuntimeError, match="device-side assert"):
         run(tmp_path, Broken(good_answer), n=4, failed=0)
     assert not (tmp_path / "scene.parquet").exists()
+
+
+def test_a_bad_image_in_a_large_chunk_is_isolated_by_halving(tmp_path):
+    backend = Picky(good_answer)
+    table, _ = run(tmp_path, backend, n=4, failed=0, chunk_size=16)  # widths 32..35
+    assert [r["status"] for r in table.to_pylist()] == ["ok", "ok", "ok", "failed"]
+    # [0-3] fails, [0, 1] passes, [2, 3] fails, [2] passes, [3] fails alone.
+    assert backend.calls == [4, 2]  # the calls that passed, two requests per image
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3])
+def test_a_backend_that_fails_every_image_stops_the_job_at_any_chunk_size(tmp_path, chunk_size):
+    class Broken(Scripted):
+        def generate(self, images, prompts, max_new_tokens):
+            self.calls.append(len(images))
+            raise RuntimeError("CUDA error: device-side assert triggered")
+
+    backend = Broken(good_answer)
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        run(tmp_path, backend, n=3 * MAX_FAILURE_STREAK, failed=0, chunk_size=chunk_size)
+    assert not (tmp_path / "scene.parquet").exists()
+    # It stops early: within the first failure streak, not after captioning the shard.
+    assert sum(backend.calls) <= 2 * 2 * (MAX_FAILURE_STREAK + chunk_size)

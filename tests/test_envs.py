@@ -21,15 +21,24 @@ DISTRIBUTION = {
 OPTIONAL = {"vllm"}
 
 
+#: The envs ``vlm_env()`` (rules/common.smk) chooses between, by backend.
+VLM_ENVS = ("envs/caption_scene.yaml", "envs/vlm.yaml")
+
+
 def rules() -> list[tuple[str, str, str]]:
-    """(rule, env file, script) of every rule in rules/*.smk."""
+    """(rule, env file, script) of every rule in rules/*.smk; a VLM rule once per env that
+    ``vlm_env()`` may give it."""
     found = []
     for path in sorted((REPO / "rules").glob("*.smk")):
         for block in re.split(r"(?m)^(?=rule )", path.read_text())[1:]:
             name = re.match(r"rule (\w+):", block).group(1)
             conda = re.search(r'conda:\s*\n\s*"\.\./(envs/[\w.]+)"', block)
             script = re.search(r'script:\s*\n\s*"\.\./(scripts/[\w.]+)"', block)
-            found.append((name, conda and conda.group(1), script and script.group(1)))
+            script = script and script.group(1)
+            if re.search(r"conda:\s*\n\s*vlm_env\(\)", block):
+                found += [(name, env, script) for env in VLM_ENVS]
+            else:
+                found.append((name, conda and conda.group(1), script))
     return found
 
 
@@ -40,7 +49,9 @@ def pinned(env: Path) -> dict[str, str]:
     return dict(line.lower().split("==") for line in pip)
 
 
-@pytest.mark.parametrize("rule, env, script", rules(), ids=[r[0] for r in rules()])
+@pytest.mark.parametrize(
+    "rule, env, script", rules(), ids=[f"{r[0]}-{Path(r[1] or '-').stem}" for r in rules()]
+)
 def test_env_provides_what_the_code_imports(rule, env, script):
     assert env, f"rule {rule} names no conda env"
     assert script, f"rule {rule} runs no script"
@@ -65,10 +76,15 @@ def exact_pins(path: Path) -> dict[str, str]:
 
 
 def test_every_pin_agrees_with_the_constraints():
-    """requirements.txt and every env pin the versions constraints.txt fixes (the tested set)."""
+    """requirements.txt and every env pin the versions constraints.txt fixes (the tested set);
+    the vLLM env pins those of requirements-vlm.txt (its own resolved set, README)."""
     constraints = exact_pins(REPO / "constraints.txt")
     pinned_files = [REPO / "requirements.txt", *sorted((REPO / "envs").glob("*.yaml"))]
+    vlm_pins = exact_pins(REPO / "requirements-vlm.txt")
+    assert pinned(REPO / "envs/vlm.yaml") == vlm_pins
     for path in pinned_files:
+        if path.name == "vlm.yaml":
+            continue
         pins = exact_pins(path) if path.suffix == ".txt" else pinned(path)
         for name, version in pins.items():
             key = re.sub(r"[-_.]+", "-", name).lower()

@@ -14,6 +14,7 @@ from transformers import (
 
 from conftest import REPO, file_digests
 from hic import models
+from hic.decoding import Decoding
 from hic.models import ModelRef, ModelUnavailableError
 
 
@@ -112,7 +113,7 @@ def test_generate_texts_batches_like_single_calls(loaded):
     grids = processor.image_processor(images=images, return_tensors="pt")["image_grid_thw"]
     assert len({int(grid.prod()) for grid in grids}) == 3
     batch = models.generate_texts(model, processor, images, prompts, max_new_tokens=12)
-    assert len(batch) == 3 and all(isinstance(text, str) and text for text in batch)
+    assert len(batch) == 3 and all(isinstance(g.text, str) and g.text for g in batch)
     singles = [
         models.generate_texts(model, processor, [image], [prompt], max_new_tokens=12)[0]
         for image, prompt in zip(images, prompts, strict=True)
@@ -143,7 +144,12 @@ def test_generate_texts_samples_and_checks_lengths(loaded):
     images, prompts = [scene(80, 80, 50)] * 2, ["Describe the image."] * 2
     torch.manual_seed(0)
     sampled = models.generate_texts(
-        model, processor, images, prompts, max_new_tokens=8, do_sample=True, temperature=1.5
+        model,
+        processor,
+        images,
+        prompts,
+        max_new_tokens=8,
+        decoding=Decoding(do_sample=True, temperature=1.5),
     )
     assert len(sampled) == 2
     with pytest.raises(ValueError, match="2 images but 1 prompts"):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from hic.decoding import GREEDY, Generation
 from hic.refine_regions import (
     BOX_PHRASES,
     build_prompt,
@@ -357,13 +358,16 @@ def test_refine_result_is_json_serialisable_and_box_free():
 
 
 class _Scripted:
+    decoding = GREEDY
+
     def __init__(self, answers):
         self.answers, self.calls = list(answers), []
 
     def generate(self, images, prompts, max_new_tokens):
         assert images is None  # refinement is text-only
         self.calls.append(len(prompts))
-        return [self.answers.pop(0) for _ in prompts]
+        answers = [self.answers.pop(0) for _ in prompts]
+        return [a if isinstance(a, Generation) else Generation(a, "stop") for a in answers]
 
 
 def test_refine_rows_records_the_path_of_every_region():
@@ -379,3 +383,12 @@ def test_refine_rows_records_the_path_of_every_region():
     assert rows[0]["caption"] == "A dog sits."
     assert rows[1]["caption"] == "A grey cat sleeps."
     assert rows[2]["caption"] is None and rows[2]["refine_reason"]
+
+
+def test_a_cut_off_llm_answer_is_not_used():
+    regions = [{"label": "dog", "raw_caption": "Dog. A dog within the red bounding box sits."}]
+    cut = Generation('{"label": "dog", "caption": "A dog sits on the', "length")
+    rows = refine_rows(regions, _Scripted([cut]), "{label}", batch_size=1, max_new_tokens=8)
+    assert rows[0]["refine_path"] == "fallback" and rows[0]["caption"] == "A dog sits."
+    assert rows[0]["refine_reason"] == "truncated: cut off at the token limit"
+    assert json.loads(rows[0]["refine_generation"])["max_new_tokens"] == 8

@@ -1,6 +1,9 @@
+import json
+
 import pytest
 from PIL import Image
 
+from hic.decoding import GREEDY, Generation
 from hic.verify_labels import VerifySettings, parse_label, verify_regions
 
 PROMPTS = {"verify": "Is {label} in the {colour} box?", "correct": "Not {label}; what is it?"}
@@ -9,7 +12,9 @@ PROMPTS = {"verify": "Is {label} in the {colour} box?", "correct": "Not {label};
 class Scripted:
     """P(yes) per label, and a fixed answer to the correction question."""
 
-    def __init__(self, p_yes: dict[str, float], answer: str):
+    decoding = GREEDY
+
+    def __init__(self, p_yes: dict[str, float], answer: str | Generation):
         self.p_yes, self.answer, self.generated = p_yes, answer, []
 
     def choice_probabilities(self, images, prompts, choices):
@@ -19,7 +24,10 @@ class Scripted:
 
     def generate(self, images, prompts, max_new_tokens):
         self.generated += prompts
-        return [self.answer] * len(prompts)
+        answer = self.answer
+        return [answer if isinstance(answer, Generation) else Generation(answer, "stop")] * len(
+            prompts
+        )
 
 
 def views(labels):
@@ -79,3 +87,11 @@ def test_parse_label():
     assert parse_label("a very long name of many many words", 4) is None
     assert parse_label("", 4) is None
     assert parse_label("car 42", 4) is None
+
+
+def test_a_correction_cut_off_at_the_token_limit_is_no_label():
+    backend = Scripted({"cat": 0.1}, Generation("a brown", "length"))
+    (row,) = verify_regions(views(["cat"]), backend, PROMPTS, VerifySettings())
+    assert (row["label"], row["verdict"]) == ("cat", "unparsed")
+    assert row["verify_reason"] == "truncated: correction cut off at the token limit"
+    assert json.loads(row["correct_generation"])["do_sample"] is False

@@ -286,7 +286,8 @@ def test_tiny_run_captions_every_downloaded_image(tiny_run):
         assert [r["key"] for r in scene] == [r["key"] for r in status]
         for down, cap in zip(status, scene, strict=True):
             if down["status"] == "success":
-                assert cap["status"] in ("ok", "unparsed") and cap["seconds"] > 0
+                assert cap["status"] in ("ok", "unparsed", "truncated", "repetitive")
+                assert cap["seconds"] > 0
                 assert cap["model_id"] == "resources/models/tiny-qwen2_5_vl"
             else:
                 assert cap["status"] == "failed" and cap["reason"].startswith("not downloaded")

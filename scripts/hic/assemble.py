@@ -79,7 +79,11 @@ RELEASE_SCHEMA = pa.schema(
             "names, or the image did not decode) or 'none selected' (every proposal was "
             "filtered out); null when there are regions",
         ),
-        _field("scene_status", pa.string(), "scene captioning: ok, unparsed or failed"),
+        _field(
+            "scene_status",
+            pa.string(),
+            "scene captioning: ok, unparsed, truncated, repetitive or failed",
+        ),
         _field("scene_model", pa.string(), "scene captioning model id"),
         _field("scene_model_revision", pa.string(), "its revision (null for a local folder)"),
         _field("scene_prompt_hash", pa.string(), "hash of the scene prompts"),

@@ -3,14 +3,21 @@
 Two prompts, one task each, rather than one structured prompt: a small or noisy model
 rarely breaks a plain-text answer, while a JSON or sectioned answer fails as a whole; and
 the short caption is not a summary of a long one that may be wrong. The cost is a second
-prefill of the image per image, which vLLM's prefix cache mostly absorbs.
+prefill of the image per image, which vLLM's prefix cache mostly absorbs: both prompts of
+every image of a chunk (``chunk_size`` images) go to the backend in one call, which vLLM
+schedules as it likes and the transformers backend cuts into length-sorted batches.
 
-Resumable inside a shard: finished rows are flushed every ``flush_every`` batches to
+An answer cut off at its token limit (the backend's finish reason) is ``truncated`` and one
+caught in a loop ``repetitive``, whatever it reads like; the decoding parameters, all set
+explicitly, are recorded per row (``generation``).
+
+Resumable inside a shard: finished rows are flushed every ``flush_every`` chunks to
 ``<out>.parts/part-NNNNN.parquet`` (atomic rename). A restarted job keeps the parts written
 under the same fingerprint (model, prompts, generation and parsing settings, backend, the
 tar's size and mtime, input keys), captions only the rest, and the final parquet is assembled
 from the parts: no row is lost or captioned twice. An image the model refuses (an extreme
-aspect ratio, memory) fails alone with the error as its reason.
+aspect ratio, memory) fails alone with the error as its reason; a fault that fails every
+image (a broken GPU) stops the job.
 """
 
 from __future__ import annotations
@@ -33,11 +40,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from hic.text import text_problem
+from hic.decoding import Decoding, Generation
+from hic.text import output_problem, text_problem
 
 log = logging.getLogger(__name__)
 
 KINDS = ("short", "long")
+STATUSES = ("ok", "unparsed", "truncated", "repetitive", "failed")
+#: Images failing alone one after another before the fault is taken to be the backend's.
+MAX_FAILURE_STREAK = 16
 IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp"}
 
 #: Columns of ``results/scene/{shard}.parquet``: one row per URL of the download shard.
@@ -46,17 +57,17 @@ SCENE_SCHEMA = pa.schema(
         ("key", pa.string()),
         ("short_caption", pa.string()),
         ("long_caption", pa.string()),
-        ("status", pa.string()),  # ok | unparsed | failed
+        ("status", pa.string()),  # ok | unparsed | truncated | repetitive | failed
         ("reason", pa.string()),  # why not ok
         ("short_raw", pa.string()),  # model output, kept only when it did not parse
         ("long_raw", pa.string()),
         ("short_words", pa.int32()),
         ("long_words", pa.int32()),
-        ("seconds", pa.float32()),  # this image's share of its batch's model time
+        ("seconds", pa.float32()),  # this image's share of its chunk's model time
         ("model_id", pa.string()),
         ("model_revision", pa.string()),
         ("prompt_hash", pa.string()),
-        ("generation", pa.string()),  # JSON of the generation settings
+        ("generation", pa.string()),  # JSON of the effective decoding and image settings
     ]
 )
 
@@ -66,6 +77,7 @@ class CaptionSettings:
     """The config's ``caption_scene`` section (see schemas/config.schema.yaml)."""
 
     backend: str = "transformers"
+    chunk_size: int = 1024
     batch_size: int = 8
     # The paper's lengths: short about 20-25 words, long 120-175; accepted a little wider.
     max_new_tokens: dict[str, int] = field(default_factory=lambda: {"short": 64, "long": 384})
@@ -74,22 +86,33 @@ class CaptionSettings:
     )
     min_pixels: int = 3136
     max_pixels: int = 802816
-    flush_every: int = 8
+    flush_every: int = 1
     do_sample: bool = False
     temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
     vllm: dict = field(default_factory=lambda: {"max_model_len": 8192})
 
+    def decoding(self) -> Decoding:
+        return Decoding.from_config(asdict(self))
+
     def generation(self) -> str:
-        keys = ("max_new_tokens", "min_pixels", "max_pixels", "do_sample", "temperature")
-        return json.dumps({k: asdict(self)[k] for k in keys}, sort_keys=True)
+        """The row's record of how it was generated: every decoding value that acts."""
+        keys = ("backend", "max_new_tokens", "min_pixels", "max_pixels")
+        record = {k: asdict(self)[k] for k in keys} | self.decoding().effective()
+        return json.dumps(record, sort_keys=True)
 
 
 class Backend(Protocol):
-    """Anything that turns (image, prompt) pairs into texts, in order."""
+    """Anything that turns (image, prompt) pairs into generations, in order."""
 
     def generate(
-        self, images: Sequence[Image.Image], prompts: Sequence[str], max_new_tokens: int
-    ) -> list[str]: ...
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        max_new_tokens: int | Sequence[int],
+    ) -> list[Generation]: ...
 
 
 def prompt_hash(prompts: dict[str, str]) -> str:
@@ -210,6 +233,15 @@ def _row(key: str, provenance: dict, **values) -> dict:
     return row
 
 
+def judge(generation: Generation, kind: str, words: Sequence[int]) -> tuple[str | None, str]:
+    """(caption, "ok") or (None, status: reason) for one generated answer of this kind."""
+    if problem := output_problem(generation.text, generation.truncated):
+        status, reason = problem
+        return None, f"{status}: {kind}: {reason}"
+    caption, reason = parse_caption(generation.text, kind, words)
+    return (caption, "ok") if caption else (None, f"unparsed: {reason}")
+
+
 def caption_batch(
     backend: Backend,
     batch: list[tuple[str, Image.Image]],
@@ -217,33 +249,56 @@ def caption_batch(
     settings: CaptionSettings,
     provenance: dict,
 ) -> list[dict]:
-    images = [image for _, image in batch]
+    """Both captions of every image in one backend call (image by image, short then long)."""
+    images = [image for _, image in batch for _ in KINDS]
     start = time.perf_counter()
-    texts = {
-        kind: backend.generate(images, [prompts[kind]] * len(images), settings.max_new_tokens[kind])
-        for kind in KINDS
-    }
+    outputs = backend.generate(
+        images,
+        [prompts[kind] for _ in batch for kind in KINDS],
+        [settings.max_new_tokens[kind] for _ in batch for kind in KINDS],
+    )
     seconds = (time.perf_counter() - start) / len(batch)
     rows = []
     for i, (key, _) in enumerate(batch):
-        parsed = {k: parse_caption(texts[k][i], k, settings.words[k]) for k in KINDS}
-        reasons = [reason for _, reason in parsed.values() if reason]
+        generated = dict(zip(KINDS, outputs[len(KINDS) * i : len(KINDS) * (i + 1)], strict=True))
+        judged = {k: judge(generated[k], k, settings.words[k]) for k in KINDS}
+        problems = [verdict for _, verdict in judged.values() if verdict != "ok"]
+        # A row takes its worst kind's status: a cut-off or loop outranks a parse failure.
+        found = {p.split(":", 1)[0] for p in problems}
+        status = next((s for s in ("truncated", "repetitive", "unparsed") if s in found), "ok")
         rows.append(
             _row(
                 key,
                 provenance,
-                short_caption=parsed["short"][0],
-                long_caption=parsed["long"][0],
-                status="unparsed" if reasons else "ok",
-                reason="; ".join(reasons) or None,
-                short_raw=texts["short"][i] if parsed["short"][1] else None,
-                long_raw=texts["long"][i] if parsed["long"][1] else None,
-                short_words=len(parsed["short"][0].split()) if parsed["short"][0] else 0,
-                long_words=len(parsed["long"][0].split()) if parsed["long"][0] else 0,
+                short_caption=judged["short"][0],
+                long_caption=judged["long"][0],
+                status=status,
+                reason="; ".join(p.split(": ", 1)[1] for p in problems) or None,
+                short_raw=generated["short"].text if judged["short"][0] is None else None,
+                long_raw=generated["long"].text if judged["long"][0] is None else None,
+                short_words=len(judged["short"][0].split()) if judged["short"][0] else 0,
+                long_words=len(judged["long"][0].split()) if judged["long"][0] else 0,
                 seconds=seconds,
             )
         )
     return rows
+
+
+class FailureStreak:
+    """Counts images that failed alone one after another: past ``limit`` the fault is not in
+    the images (a broken GPU fails every one, whatever the chunk size) and the job stops."""
+
+    def __init__(self, limit: int = MAX_FAILURE_STREAK):
+        self.limit, self.count = limit, 0
+
+    def record(self, rows: list[dict], err: Exception | None = None) -> None:
+        for row in rows:
+            self.count = self.count + 1 if row["status"] == "failed" else 0
+            if self.count >= self.limit:
+                raise RuntimeError(
+                    f"{self.count} images in a row failed generation alone: the fault is the "
+                    f"backend's, not the images' (last error: {type(err).__name__}: {err})"
+                ) from err
 
 
 def caption_or_isolate(
@@ -252,31 +307,39 @@ def caption_or_isolate(
     prompts: dict[str, str],
     settings: CaptionSettings,
     provenance: dict,
+    streak: FailureStreak | None = None,
 ) -> list[dict]:
-    """``caption_batch``, but an image the model cannot take fails alone, not its batch.
+    """``caption_batch``, but an image the model cannot take fails alone, not its chunk.
 
     Processors reject some images outright (Qwen2-VL's resize refuses aspect ratios over 200,
-    a huge image can run out of memory): the batch is retried image by image and an image
-    that fails alone gets a ``failed`` row with the error. When every image of a batch fails
-    alone, the fault is not in the images and the error is raised.
+    a huge image can run out of memory): a failed chunk is split in halves until the culprit
+    stands alone, so a bad image in a chunk of thousands costs a dozen calls, and it gets a
+    ``failed`` row with the error. When every image of a chunk fails alone, or ``streak``
+    counts too many failures in a row (chunks of one image), the error is raised.
     """
+    streak = streak or FailureStreak()
     try:
-        return caption_batch(backend, batch, prompts, settings, provenance)
+        rows = caption_batch(backend, batch, prompts, settings, provenance)
     except (ValueError, RuntimeError) as err:
         if len(batch) == 1:
             log.warning("image %s: generation failed: %s", batch[0][0], err)
             reason = f"generation failed: {type(err).__name__}: {err}"
-            return [_row(batch[0][0], provenance, status="failed", reason=reason)]
-        log.warning("a batch of %d failed (%s): captioning its images one by one", len(batch), err)
+            rows = [_row(batch[0][0], provenance, status="failed", reason=reason)]
+            streak.record(rows, err)
+            return rows
+        log.warning("a chunk of %d failed (%s): splitting it to isolate the image", len(batch), err)
+        half = len(batch) // 2
         rows = [
             row
-            for item in batch
-            for row in caption_or_isolate(backend, [item], prompts, settings, provenance)
+            for part in (batch[:half], batch[half:])
+            for row in caption_or_isolate(backend, part, prompts, settings, provenance, streak)
         ]
-        # Alone, an image either gets a caption_batch row (ok or unparsed) or fails.
+        # Alone, an image either gets a caption_batch row or fails.
         if all(r["status"] == "failed" for r in rows):
             raise err
         return rows
+    streak.record(rows)
+    return rows
 
 
 def caption_shard(
@@ -325,7 +388,8 @@ def caption_shard(
     watch = getattr(backend, "model_time", None)
     watched_before = watch.seconds if watch is not None else 0.0
     batch_seconds, started, n_batches = 0.0, time.perf_counter(), 0
-    for batch in batches(read_images(tar, done), settings.batch_size):
+    streak = FailureStreak()
+    for batch in batches(read_images(tar, done), settings.chunk_size):
         good = [(key, image) for key, image, _ in batch if image is not None]
         pending += [
             _row(key, provenance, status="failed", reason=reason)
@@ -334,7 +398,7 @@ def caption_shard(
         ]
         if good:
             t0 = time.perf_counter()
-            pending += caption_or_isolate(backend, good, prompts, settings, provenance)
+            pending += caption_or_isolate(backend, good, prompts, settings, provenance, streak)
             batch_seconds += time.perf_counter() - t0
         n_batches += 1
         if n_batches % settings.flush_every == 0:
@@ -372,7 +436,7 @@ def caption_shard(
     shutil.rmtree(store.folder)
     total = time.perf_counter() - started
     model_seconds = watch.seconds - watched_before if watch is not None else batch_seconds
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "unparsed", "failed")}
+    counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
     return {
         "rows": len(rows),
         "status": counts,

@@ -14,9 +14,11 @@ import sys
 from pathlib import Path
 
 #: Modules that decide how a stage runs or is recorded, not what it writes: logging,
-#: provenance stamping, resource bounds, speed settings and this module. Editing one re-runs
-#: nothing, so their imports are not followed either.
-INFRASTRUCTURE = frozenset({"codebase", "duck", "provenance", "runlog", "speed"})
+#: provenance stamping, resource bounds, speed settings, threads, the SLURM shim and this
+#: module. Editing one re-runs nothing, so their imports are not followed either.
+INFRASTRUCTURE = frozenset(
+    {"codebase", "duck", "provenance", "runlog", "slurm_status", "speed", "threads"}
+)
 
 
 def imports(script: Path, skip: frozenset[str] = frozenset()) -> tuple[list[Path], set[str]]:

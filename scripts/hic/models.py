@@ -13,7 +13,7 @@ import importlib.util
 import json
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +42,8 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+from hic.decoding import GREEDY, Decoding, Generation
 
 
 @dataclass(frozen=True)
@@ -494,31 +496,96 @@ class Stopwatch:
         self.seconds += time.perf_counter() - self._start
 
 
+def hf_generation_config(model: PreTrainedModel, decoding: Decoding, max_new_tokens: int):
+    """A complete ``GenerationConfig``: only the checkpoint's token ids are inherited."""
+    effective = decoding.effective()
+    if not decoding.do_sample:
+        effective["temperature"] = 1.0  # unused when greedy; Hugging Face wants it > 0
+    own = model.generation_config
+    return GenerationConfig(
+        **effective,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        num_beams=1,
+        no_repeat_ngram_size=0,
+        bos_token_id=own.bos_token_id,
+        eos_token_id=own.eos_token_id,
+        pad_token_id=own.pad_token_id,
+    )
+
+
+def _sorted_groups(keys: list[tuple], batch_size: int) -> list[list[int]]:
+    """Indices in ``keys`` order, cut into groups of at most ``batch_size`` that share the
+    first key element (the token limit): similar lengths pad little, and one long request
+    lengthens only its own group."""
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and len(groups[-1]) < batch_size and keys[groups[-1][0]][0] == keys[i][0]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def generate_texts(
     model: PreTrainedModel,
     processor: ProcessorMixin,
     images: list[Image.Image] | None,
     prompts: list[str],
     *,
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
+    max_new_tokens: int | Sequence[int],
+    decoding: Decoding = GREEDY,
+    batch_size: int | None = None,
     system: str | None = None,
     watch: Stopwatch | None = None,
-) -> list[str]:
-    """One generated text per (image, prompt), in order, from a single batched ``generate``.
+) -> list[Generation]:
+    """One generation per (image, prompt), in order, in batches of ``batch_size`` (all at
+    once when None) sorted by length: token limit, then image pixels, then prompt length.
 
-    ``images=None`` asks text-only questions (the refinement stage's LLM role). ``watch``
-    times ``model.generate`` alone (not the chat template, image processing or decoding)."""
-    inputs = _chat_inputs(processor, images, prompts, system).to(model.device)
-    # Temperature only means something when sampling; greedy calls leave it unset.
-    sampling = {"temperature": temperature} if do_sample else {}
-    with torch.inference_mode(), watch or contextlib.nullcontext():
-        output = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, **sampling
+    ``max_new_tokens`` is one limit or one per request. ``images=None`` asks text-only
+    questions (the refinement stage's LLM role). ``watch`` times ``model.generate`` alone (not
+    the chat template, image processing or decoding)."""
+    n = len(prompts)
+    limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(limits) != n:
+        raise ValueError(f"{len(limits)} token limits for {n} prompts")
+    if images is not None and len(images) != n:
+        raise ValueError(f"{len(images)} images but {n} prompts")
+    keys = [
+        (limits[i], 0 if images is None else images[i].width * images[i].height, len(prompts[i]))
+        for i in range(n)
+    ]
+    results: list[Generation | None] = [None] * n
+    for group in _sorted_groups(keys, batch_size or max(n, 1)):
+        batch = _generate_batch(
+            model,
+            processor,
+            None if images is None else [images[i] for i in group],
+            [prompts[i] for i in group],
+            hf_generation_config(model, decoding, limits[group[0]]),
+            system,
+            watch,
         )
+        for i, generation in zip(group, batch, strict=True):
+            results[i] = generation
+    return results
+
+
+def _generate_batch(model, processor, images, prompts, config, system, watch) -> list[Generation]:
+    inputs = _chat_inputs(processor, images, prompts, system).to(model.device)
+    with torch.inference_mode(), watch or contextlib.nullcontext():
+        output = model.generate(**inputs, generation_config=config)
     new_tokens = output[:, inputs["input_ids"].shape[1] :]
-    return processor.batch_decode(new_tokens, skip_special_tokens=True)
+    # A sequence that holds no end token ran into the limit (finished ones are padded after it).
+    eos = config.eos_token_id
+    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=output.device)
+    ended = torch.isin(new_tokens, eos).any(dim=1).tolist()
+    texts = processor.batch_decode(new_tokens, skip_special_tokens=True)
+    return [
+        Generation(text, "stop" if stop else "length")
+        for text, stop in zip(texts, ended, strict=True)
+    ]
 
 
 def choice_probabilities(

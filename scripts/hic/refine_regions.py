@@ -34,7 +34,8 @@ import json
 import re
 import unicodedata
 
-from hic.text import text_problem
+from hic.decoding import Generation
+from hic.text import output_problem, text_problem
 
 #: The paper's phrases, most specific first so a match names the longest one.
 BOX_PHRASES: tuple[str, ...] = (
@@ -275,9 +276,15 @@ def parse_refined(output: str, label: str, raw: str) -> tuple[dict | None, str |
     return {"label": _normalise_label(label), "caption": parsed["caption"].strip()}, None
 
 
-def refine(raw_caption: str | None, label: str, llm_output: str | None) -> dict:
-    """The refined row: the LLM's answer if valid, else the rule-based rewrite, else failed."""
-    if llm_output is None:
+def refine(
+    raw_caption: str | None, label: str, llm_output: str | None, llm_problem: str | None = None
+) -> dict:
+    """The refined row: the LLM's answer if valid, else the rule-based rewrite, else failed.
+
+    ``llm_problem`` says why the output is unusable whatever it reads (cut off, looping)."""
+    if llm_problem is not None:
+        llm_reason = llm_problem
+    elif llm_output is None:
         llm_reason = "no LLM output"
     else:
         refined, llm_reason = parse_refined(llm_output, label, raw_caption or "")
@@ -310,16 +317,33 @@ def refine_rows(
 ) -> list[dict]:
     """Refine every region's raw caption: the LLM (text-only) in batches, then :func:`refine`.
 
-    Regions without a raw caption skip the LLM and end ``failed`` with the reason."""
+    Regions without a raw caption skip the LLM and end ``failed`` with the reason; an answer
+    cut off at the token limit or looping is not used (``refine_reason`` says which)."""
+    generation = json.dumps(
+        backend.decoding.effective() | {"max_new_tokens": max_new_tokens}, sort_keys=True
+    )
     todo = [i for i, r in enumerate(regions) if r.get("raw_caption")]
-    outputs: dict[int, str] = {}
+    outputs: dict[int, Generation] = {}
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
         prompts = [
             build_prompt(template, regions[i]["label"], regions[i]["raw_caption"]) for i in chunk
         ]
         outputs.update(zip(chunk, backend.generate(None, prompts, max_new_tokens), strict=True))
-    return [
-        {**r, **refine(r.get("raw_caption"), r["label"], outputs.get(i))}
-        for i, r in enumerate(regions)
-    ]
+    rows = []
+    for i, r in enumerate(regions):
+        output = outputs.get(i)
+        problem = output and output_problem(output.text, output.truncated)
+        rows.append(
+            {
+                **r,
+                **refine(
+                    r.get("raw_caption"),
+                    r["label"],
+                    output and output.text,
+                    f"{problem[0]}: {problem[1]}" if problem else None,
+                ),
+                "refine_generation": generation if output else None,
+            }
+        )
+    return rows

@@ -36,19 +36,22 @@ VERIFIED_SCHEMA = _extend(
     ("verdict", pa.string()),  # accurate | corrected | unparsed
     ("p_accurate", pa.float64()),  # P(yes) / (P(yes) + P(no)); null when both are 0
     ("verify_reason", pa.string()),  # why unparsed
+    ("correct_generation", pa.string()),  # JSON of the correction's decoding, when one was asked
 )
 CAPTIONED_SCHEMA = _extend(
     VERIFIED_SCHEMA,
     ("raw_caption", pa.string()),
-    ("caption_status", pa.string()),  # ok | unparsed
+    ("caption_status", pa.string()),  # ok | unparsed | truncated | repetitive
     ("caption_reason", pa.string()),
-    ("caption_model_output", pa.string()),  # kept only when it did not parse
+    ("caption_model_output", pa.string()),  # kept only when not ok
+    ("caption_generation", pa.string()),  # JSON of the effective decoding values
 )
 REFINED_SCHEMA = _extend(
     CAPTIONED_SCHEMA,
     ("caption", pa.string()),
     ("refine_path", pa.string()),  # llm | fallback | failed
     ("refine_reason", pa.string()),
+    ("refine_generation", pa.string()),  # JSON of the LLM's decoding, when it was asked
 )
 
 

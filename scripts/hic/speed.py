@@ -38,11 +38,3 @@ def science(config: Mapping, path: str) -> dict:
 def speed(config: Mapping, path: str) -> dict:
     """The settings of ``path`` that only change speed: read by the script, never params."""
     return {k: v for k, v in section(config, path).items() if k in SPEED.get(path, ())}
-
-
-def use_threads(n: int) -> None:
-    """Bound torch's CPU threads to the job's ``threads`` (its cores on a cluster node): by
-    default torch takes every core of the machine, which on a shared node oversubscribes it."""
-    import torch
-
-    torch.set_num_threads(max(1, int(n)))

@@ -8,16 +8,19 @@ label is accurate when P(yes) / (P(yes) + P(no)) ≥ ``accept``. Only rejected l
 second, generated question for the corrected name, which must parse as a short name other than
 the label; otherwise the region is ``unparsed`` and keeps its label. A corrected label replaces
 the label; ``original_label`` keeps the detector's; ``verify_reason`` says why a region is
-``unparsed``.
+``unparsed``, starting ``truncated:`` or ``repetitive:`` when the correction was cut off at
+its token limit or looped (its decoding is recorded in ``correct_generation``).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
 from hic.caption_scene import batches
 from hic.region_images import fill
+from hic.text import output_problem
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,9 @@ def parse_label(text: str, max_words: int) -> str | None:
 
 def verify_regions(views, backend, prompts: dict[str, str], settings: VerifySettings) -> list[dict]:
     """``views``: (region, drawn image) pairs; returns the regions with a verdict each."""
+    generation = json.dumps(
+        backend.decoding.effective() | {"max_new_tokens": settings.max_new_tokens}, sort_keys=True
+    )
     rows = []
     for batch in batches(iter(views), settings.batch_size):
         regions, images = [r for r, _ in batch], [im for _, im in batch]
@@ -62,7 +68,7 @@ def verify_regions(views, backend, prompts: dict[str, str], settings: VerifySett
         rejected = [i for i, p in enumerate(p_yes) if answered[i] and p < settings.accept]
         answers = {}
         if rejected:
-            texts = backend.generate(
+            outputs = backend.generate(
                 [images[i] for i in rejected],
                 [
                     fill(prompts["correct"], label=regions[i]["label"], colour=settings.box_colour)
@@ -70,10 +76,11 @@ def verify_regions(views, backend, prompts: dict[str, str], settings: VerifySett
                 ],
                 settings.max_new_tokens,
             )
-            answers = dict(zip(rejected, texts, strict=True))
+            answers = dict(zip(rejected, outputs, strict=True))
         for i, region in enumerate(regions):
             row = {**region, "original_label": region["label"], "p_accurate": p_yes[i]}
             row["verify_reason"] = None
+            row["correct_generation"] = generation if i in answers else None
             if not answered[i]:
                 row.update(
                     verdict="unparsed",
@@ -81,9 +88,12 @@ def verify_regions(views, backend, prompts: dict[str, str], settings: VerifySett
                 )
             elif i not in answers:
                 row["verdict"] = "accurate"
-            elif (corrected := parse_label(answers[i], settings.max_label_words)) is None:
+            elif problem := output_problem(answers[i].text, answers[i].truncated):
+                status, reason = problem
+                row.update(verdict="unparsed", verify_reason=f"{status}: correction {reason}")
+            elif (corrected := parse_label(answers[i].text, settings.max_label_words)) is None:
                 row.update(
-                    verdict="unparsed", verify_reason=f"correction {answers[i]!r} is no label"
+                    verdict="unparsed", verify_reason=f"correction {answers[i].text!r} is no label"
                 )
             elif corrected == region["label"].strip().lower():
                 row.update(verdict="unparsed", verify_reason="rejected, then named the same label")
