@@ -10,9 +10,7 @@ rule caption_scene:
         scene="results/scene/{shard}.parquet",
     params:
         model=lookup(dpath="models/vlm", within=config),
-        # flush_every only decides how often progress is saved: not a param, so changing it
-        # re-captions nothing (the script reads it from the config).
-        settings={k: v for k, v in config["caption_scene"].items() if k != "flush_every"},
+        settings=lookup(dpath="caption_scene", within=config),
     log:
         "results/logs/caption_scene/{shard}.log",
     benchmark:

@@ -7,9 +7,7 @@ from hic.runlog import to_log
 from hic.vlm import make_backend
 
 log = to_log(snakemake.log[0])
-settings = CaptionSettings(
-    **snakemake.params.settings, flush_every=snakemake.config["caption_scene"]["flush_every"]
-)
+settings = CaptionSettings(**snakemake.params.settings)
 model = snakemake.params.model
 backend = make_backend(
     settings.backend,
@@ -29,6 +27,8 @@ summary = caption_shard(
     settings,
     backend,
     model,
+    # How often progress is saved is not a param: changing it re-runs nothing.
+    flush_every=snakemake.config["flush_every"],
 )
 stamp_outputs(snakemake)
 log.info("shard %s: %s", snakemake.wildcards.shard, summary)

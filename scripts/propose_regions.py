@@ -1,6 +1,7 @@
 from pathlib import Path
 
 from hic.models import ModelRef
+from hic.parts import model_identity
 from hic.propose_regions import Detector, ProposeSettings, load_vocabulary, propose_shard
 from hic.provenance import stamp_outputs
 from hic.runlog import to_log
@@ -20,6 +21,9 @@ summary = propose_shard(
         **{k: params.sam[k] for k in ("checkpoint", "variant") if params.sam.get(k)},
     ),
     ProposeSettings(**params.settings),
+    {"detector": model_identity(params.detector), "sam": model_identity(params.sam)},
+    # How often progress is saved is not a param: changing it re-runs nothing.
+    flush_every=snakemake.config["flush_every"],
 )
 stamp_outputs(snakemake)
 log.info("shard %s: %s", snakemake.wildcards.shard, summary)

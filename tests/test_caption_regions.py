@@ -1,6 +1,15 @@
+from functools import partial
+
+import pytest
 from PIL import Image
 
-from hic.caption_regions import RegionCaptionSettings, caption_regions, shape_caption
+from conftest import region_shard
+from hic.caption_regions import (
+    RegionCaptionSettings,
+    caption_batch,
+    caption_regions_shard,
+    shape_caption,
+)
 
 
 class Scripted:
@@ -24,11 +33,11 @@ def test_captions_are_shaped_and_garbage_is_unparsed():
             "### 123 !!!",
         ]
     )
-    rows = caption_regions(
+    rows = caption_batch(
         views(["dog", "cat", "sky"]),
         backend,
         "Caption the {label} in the {colour} box.",
-        RegionCaptionSettings(batch_size=2),
+        RegionCaptionSettings(),
     )
     assert [r["caption_status"] for r in rows] == ["ok", "ok", "unparsed"]
     assert rows[0]["raw_caption"] == "Dog. A brown dog lies on the grass next to a bench."
@@ -45,3 +54,62 @@ def test_shape_caption():
     assert shape_caption("Doghouse in the garden", "dog") == "Dog. Doghouse in the garden."
     assert shape_caption("Dog lying on grass", "dog") == "Dog. Dog lying on grass."
     assert shape_caption("Dog: a brown dog", "dog") == "Dog: a brown dog."
+
+
+class Counting:
+    """A caption naming the region's label; records the labels it is asked about, and dies (as
+    if killed) at its ``die_at``-th call."""
+
+    def __init__(self, die_at: int | None = None):
+        self.die_at, self.calls, self.asked = die_at, 0, []
+
+    def generate(self, images, prompts, max_new_tokens):
+        self.calls += 1
+        if self.calls == self.die_at:
+            raise KeyboardInterrupt
+        labels = [p.split()[2] for p in prompts]
+        self.asked += labels
+        return [f"{x}. A plain thing with a label of its own, seen from the side." for x in labels]
+
+
+PROMPT = "Caption the {label} in the {colour} box."
+# Regions by image, in tar order; the second image has none. Batches of 2: [r0 r1] [r2 r3]
+# [r4 r5] [r6].
+LABELS = [["r0", "r1", "r2"], [], ["r3"], ["r4", "r5"], ["r6"]]
+
+
+def killed_shard(tmp_path):
+    """A shard, its uninterrupted captions, and a run killed after two flushed batches."""
+    regions, tar, status = region_shard(tmp_path, LABELS)
+    caption = partial(
+        caption_regions_shard,
+        regions,
+        tar,
+        status,
+        settings=RegionCaptionSettings(batch_size=2),
+        identity={"model": "scripted"},
+        flush_every=1,
+    )
+    caption(out=tmp_path / "whole.parquet", prompt=PROMPT, backend=Counting())
+    with pytest.raises(KeyboardInterrupt):
+        caption(out=tmp_path / "captioned.parquet", prompt=PROMPT, backend=Counting(die_at=3))
+    return caption
+
+
+def test_a_killed_captioning_resumes_without_captioning_a_region_twice(tmp_path):
+    caption = killed_shard(tmp_path)
+    backend = Counting()
+    summary = caption(out=tmp_path / "captioned.parquet", prompt=PROMPT, backend=backend)
+    assert backend.asked == ["r4", "r5", "r6"]
+    assert summary == {"regions": 7, "ok": 7, "resumed_regions": 4}
+    whole = (tmp_path / "whole.parquet").read_bytes()
+    assert (tmp_path / "captioned.parquet").read_bytes() == whole
+    assert not (tmp_path / "captioned.parquet.parts").exists()
+
+
+def test_caption_parts_of_another_prompt_are_discarded(tmp_path):
+    caption = killed_shard(tmp_path)
+    backend = Counting()
+    other = "Caption the {label} outlined in {colour}."
+    caption(out=tmp_path / "captioned.parquet", prompt=other, backend=backend)
+    assert backend.asked == [f"r{i}" for i in range(7)]

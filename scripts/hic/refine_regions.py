@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
+from hic.parts import PartStore, file_identity, fingerprint, resumable_map
+from hic.region_tables import REFINED_SCHEMA, read_rows, write_rows
 from hic.text import text_problem
 
 #: The paper's phrases, most specific first so a match names the longest one.
@@ -244,21 +247,57 @@ def refine(raw_caption: str | None, label: str, llm_output: str | None) -> dict:
     }
 
 
-def refine_rows(
-    regions: list[dict], backend, template: str, *, batch_size: int, max_new_tokens: int
-) -> list[dict]:
-    """Refine every region's raw caption: the LLM (text-only) in batches, then :func:`refine`.
-
-    Regions without a raw caption skip the LLM and end ``failed`` with the reason."""
-    todo = [i for i, r in enumerate(regions) if r.get("raw_caption")]
-    outputs: dict[int, str] = {}
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        prompts = [
-            build_prompt(template, regions[i]["label"], regions[i]["raw_caption"]) for i in chunk
-        ]
-        outputs.update(zip(chunk, backend.generate(None, prompts, max_new_tokens), strict=True))
+def refine_batch(regions: list[dict], backend, template: str, max_new_tokens: int) -> list[dict]:
+    """The refined rows of regions that have a raw caption: one text-only LLM call."""
+    prompts = [build_prompt(template, r["label"], r["raw_caption"]) for r in regions]
+    outputs = backend.generate(None, prompts, max_new_tokens)
     return [
-        {**r, **refine(r.get("raw_caption"), r["label"], outputs.get(i))}
-        for i, r in enumerate(regions)
+        {**r, **refine(r["raw_caption"], r["label"], output)}
+        for r, output in zip(regions, outputs, strict=True)
     ]
+
+
+def refine_shard(
+    regions: Path,
+    out: Path,
+    backend,
+    template: str,
+    identity: dict,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    flush_every: int = 8,
+) -> dict:
+    """Refine every region's raw caption into ``out`` (REFINED_SCHEMA): the LLM in batches,
+    then :func:`refine`; regions without a raw caption skip the LLM and end ``failed``.
+
+    Resumable (``hic.parts``): a unit is a region with a raw caption, by its row index;
+    ``identity`` (model reference, backend and its options), the template, the generation
+    budget and the input fingerprint the flushed parts."""
+    rows = read_rows(regions)
+    job = fingerprint(identity, template, max_new_tokens, file_identity([regions]))
+    store = PartStore.beside(out, job, REFINED_SCHEMA)
+    mapped = resumable_map(
+        store,
+        lambda done: (i for i, r in enumerate(rows) if r.get("raw_caption") and i not in done),
+        lambda i: i,
+        lambda batch: [
+            [row]
+            for row in refine_batch([rows[i] for i in batch], backend, template, max_new_tokens)
+        ],
+        batch_size,
+        flush_every,
+    )
+    refined = dict(zip(mapped.units, mapped.rows, strict=True))
+    rows = [
+        refined[i] if i in refined else {**r, **refine(r.get("raw_caption"), r["label"], None)}
+        for i, r in enumerate(rows)
+    ]
+    write_rows(rows, REFINED_SCHEMA, out)
+    store.remove()
+    paths = ("llm", "fallback", "failed")
+    return {
+        "regions": len(rows),
+        "refine_path": {p: sum(r["refine_path"] == p for r in rows) for p in paths},
+        "resumed_regions": mapped.resumed_units,
+    }
