@@ -18,7 +18,12 @@ from conftest import BIN, REPO, copy_workflow, planned_jobs, snakemake
 TINY = """
 demo_world: {n_images: 36, n_benchmark_pairs: 4, width: 96, height: 72, classify_per_class: 2}
 shards: {size: 16}
-caption_scene: {batch_size: 2, flush_every: 1}
+flush_every: 1
+caption_scene: {batch_size: 2}
+propose_regions: {settings: {batch_size: 4}}
+verify_labels: {batch_size: 4}
+caption_regions: {batch_size: 4}
+refine_regions: {batch_size: 4}
 clip: {defaults: {epochs: 2, batch_size: 8, warmup: 2}}
 """
 
@@ -136,8 +141,8 @@ def test_changing_a_stats_parameter_reruns_stats_only(tiny_run):
     assert jobs == {"stats": 1, "all": 1}
 
 
-def test_changing_how_often_captioning_saves_progress_reruns_nothing(tiny_run):
-    (tiny_run / "flush.yaml").write_text("caption_scene: {flush_every: 7}\n")
+def test_changing_how_often_jobs_save_progress_reruns_nothing(tiny_run):
+    (tiny_run / "flush.yaml").write_text("flush_every: 7\n")
     assert planned_jobs(tiny_run, "--configfile", "tiny.yaml", "flush.yaml") == {}
 
 
@@ -250,6 +255,14 @@ def test_tiny_run_writes_the_release_with_a_status_for_every_region(tiny_run):
 
 
 REGION_STEPS = ["proposals", "selected", "verified", "captioned", "refined"]
+# The stages that flush parts, and where: each is killed once after a part is written there.
+RESUMABLE = {
+    "caption_scene": "scene",
+    "propose_regions": "regions/proposals",
+    "verify_labels": "regions/verified",
+    "caption_regions": "regions/captioned",
+    "refine_regions": "regions/refined",
+}
 
 
 def kill_midway(wf: Path, after: str, timeout: float = 900) -> None:
@@ -295,18 +308,15 @@ def release_rows(wf: Path) -> list[dict]:
 
 
 def test_a_killed_run_resumes_to_the_same_results_in_another_folder(tiny_run, tmp_path_factory):
-    """SIGKILL midway, unlock, run again: finished jobs stay, and the dataset and every metric
-    equal those of the uninterrupted run in another folder (CPU runs are deterministic)."""
+    """SIGKILL inside each stage that flushes parts, unlock, run again: finished jobs stay,
+    restarted ones resume from their parts, and the dataset and every metric equal those of
+    the uninterrupted run in another folder (CPU runs are deterministic)."""
     wf = copy_workflow(tmp_path_factory.mktemp("killed"))
     (wf / "tiny.yaml").write_text(TINY)
-    # Killed first inside scene captioning, once a shard has flushed a part of its rows...
-    kill_midway(wf, "results/scene/*.parquet.parts/part-*.parquet")
-    snakemake(wf, "--unlock")  # a killed run leaves its lock behind
-    # ...and again in the region stages: the restarted shard resumed from its flushed rows.
-    kill_midway(wf, "results/regions/verified/*.parquet")
-    snakemake(wf, "--unlock")
-    logs = [p.read_text() for p in (wf / "results/logs/caption_scene").glob("*.log")]
-    assert any(re.search(r"'resumed_rows': [1-9]", log) for log in logs), logs
+    # Killed inside each stage that flushes parts, once a shard has flushed a part there.
+    for folder in RESUMABLE.values():
+        kill_midway(wf, f"results/{folder}/*.parquet.parts/part-*.parquet")
+        snakemake(wf, "--unlock")  # a killed run leaves its lock behind
     planned = planned_outputs(wf)
     assert planned and (wf / "results/urls/summary.json") not in planned
     before = mtimes(wf)
@@ -315,6 +325,10 @@ def test_a_killed_run_resumes_to_the_same_results_in_another_folder(tiny_run, tm
     kept = (planned_outputs(wf, "--forceall") - planned) & set(before)
     assert kept, "some shard outputs were finished before the kill"
     assert {p for p in kept if after.get(p) != before[p]} == set()  # finished work not redone
+    for stage in RESUMABLE:  # a restarted job of each took up its flushed rows
+        logs = [p.read_text() for p in (wf / "results/logs" / stage).glob("*.log")]
+        resumed = r"resuming from \d+ parts: [1-9]\d* units \([1-9]\d* rows\)"
+        assert any(re.search(resumed, log) for log in logs), (stage, logs)
 
     assert release_rows(wf) == release_rows(tiny_run)
     stages = ["urls", "images", *(f"regions/{s}" for s in REGION_STEPS)]
