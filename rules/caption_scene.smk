@@ -10,8 +10,8 @@ rule caption_scene:
     params:
         code=code_version("caption_scene"),
         model=lookup(dpath="models/vlm", within=config),
-        # Speed settings (batch size, flush interval, engine arguments) are not params:
-        # changing one re-captions nothing (hic.speed; the script reads them from the config).
+        # Speed settings (batch and chunk size, engine arguments) are not params: changing
+        # one re-captions nothing (hic.speed; the script reads them from the config).
         settings=science(config, "caption_scene"),
     log:
         "results/logs/caption_scene/{shard}.log",

@@ -5,9 +5,11 @@ from hic.models import ModelRef
 from hic.provenance import stamp_outputs
 from hic.runlog import to_log
 from hic.speed import speed
+from hic.threads import use_threads
 from hic.vlm import make_backend
 
 log = to_log(snakemake.log[0])
+use_threads(snakemake.threads)
 settings = CaptionSettings(**snakemake.params.settings, **speed(snakemake.config, "caption_scene"))
 model = snakemake.params.model
 backend = make_backend(
@@ -28,6 +30,8 @@ summary = caption_shard(
     settings,
     backend,
     model,
+    # How often progress is saved is not a param: changing it re-runs nothing.
+    flush_every=snakemake.config["flush_every"],
 )
 stamp_outputs(snakemake)
 log.info("shard %s: %s", snakemake.wildcards.shard, summary)

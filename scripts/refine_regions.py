@@ -1,34 +1,34 @@
 from pathlib import Path
 
 from hic.models import ModelRef
+from hic.parts import model_identity
 from hic.provenance import stamp_outputs
-from hic.refine_regions import refine_rows
-from hic.region_tables import REFINED_SCHEMA, check_complete, read_rows, write_rows
+from hic.refine_regions import refine_shard
 from hic.runlog import to_log
 from hic.speed import speed
+from hic.threads import use_threads
 from hic.vlm import make_backend
 
 log = to_log(snakemake.log[0])
 inp, params = snakemake.input, snakemake.params
-regions = read_rows(Path(inp.regions))
+use_threads(snakemake.threads)
+# Speed settings are read from the config, not params (hic.speed).
 backend = make_backend(
     params.backend,
     ModelRef.from_config(params.model),
     **params.vlm,
     vllm=speed(snakemake.config, "caption_scene")["vllm"],
 )
-rows = refine_rows(
-    regions,
+summary = refine_shard(
+    Path(inp.regions),
+    Path(snakemake.output[0]),
     backend,
     Path(inp.prompt).read_text(),
+    {"model": model_identity(params.model), "backend": params.backend, "vlm": params.vlm},
+    # How often progress is saved is not a param: changing it re-runs nothing.
+    flush_every=snakemake.config["flush_every"],
     **params.settings,
     **speed(snakemake.config, "refine_regions"),
 )
-check_complete(regions, rows, "refine_regions")
-write_rows(rows, REFINED_SCHEMA, Path(snakemake.output[0]))
 stamp_outputs(snakemake)
-log.info(
-    "refined %d regions: %s",
-    len(rows),
-    {p: sum(r["refine_path"] == p for r in rows) for p in ("llm", "fallback", "failed")},
-)
+log.info("shard %s: %s", snakemake.wildcards.shard, summary)

@@ -74,3 +74,47 @@ def copy_workflow(dest: Path) -> Path:
 def workflow(tmp_path: Path) -> Path:
     """A fresh copy of the workflow in a temporary folder."""
     return copy_workflow(tmp_path / "wf")
+
+
+def region_shard(folder: Path, labels: list[list[str]]) -> tuple[Path, Path, Path]:
+    """(regions, tar, status) of a shard whose image i has the regions ``labels[i]``, in the
+    selected-regions layout; images are stored at half their original size."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from hic.download import STATUS_SCHEMA
+    from hic.region_tables import SELECTED_SCHEMA
+
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = [f"{i:016x}" for i in range(len(labels))]
+    with tarfile.open(folder / "s.tar", "w") as tar:
+        for i, key in enumerate(keys):
+            buf = io.BytesIO()
+            Image.new("RGB", (40, 30), (20 * i % 255, 90, 150)).save(buf, "PNG")
+            info = tarfile.TarInfo(f"{key}.png")
+            info.size = buf.tell()
+            tar.addfile(info, io.BytesIO(buf.getvalue()))
+    size = {"width": 40, "height": 30, "original_width": 80, "original_height": 60}
+    status = [{"key": k, "status": "success", **size} for k in keys]
+    pq.write_table(pa.Table.from_pylist(status, schema=STATUS_SCHEMA), folder / "s.parquet")
+    regions = [
+        {
+            "key": key,
+            "label": label,
+            "bbox": [4.0 * rank, 6.0, 30.0, 20.0],
+            "score": 0.5,
+            "kind": "foreground",
+            "source": "detector",
+            "query_source": "caption",
+            "rank": rank,
+        }
+        for key, names in zip(keys, labels, strict=True)
+        for rank, label in enumerate(names)
+    ]
+    path = folder / "regions.parquet"
+    pq.write_table(pa.Table.from_pylist(regions, schema=SELECTED_SCHEMA), path)
+    return path, folder / "s.tar", folder / "s.parquet"

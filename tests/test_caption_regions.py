@@ -1,8 +1,16 @@
 import json
+from functools import partial
 
+import pytest
 from PIL import Image
 
-from hic.caption_regions import RegionCaptionSettings, caption_regions, shape_caption
+from conftest import region_shard
+from hic.caption_regions import (
+    RegionCaptionSettings,
+    caption_batch,
+    caption_regions_shard,
+    shape_caption,
+)
 from hic.decoding import GREEDY, Generation
 
 
@@ -32,11 +40,11 @@ def test_captions_are_shaped_and_garbage_is_unparsed():
             "### 123 !!!",
         ]
     )
-    rows = caption_regions(
+    rows = caption_batch(
         views(["dog", "cat", "sky"]),
         backend,
         "Caption the {label} in the {colour} box.",
-        RegionCaptionSettings(batch_size=2, words=[4, 120]),  # lengths: test_caption_lengths
+        RegionCaptionSettings(words=[4, 120]),  # lengths: test_caption_lengths
     )
     assert [r["caption_status"] for r in rows] == ["ok", "ok", "unparsed"]
     assert rows[0]["raw_caption"] == "Dog. A brown dog lies on the grass next to a bench."
@@ -60,7 +68,7 @@ def test_cut_off_and_looping_captions_are_marked_not_ok():
     loop = "A red sign on a pole. " * 10
     good = "A red sign stands on a pole by the road."
     backend = Scripted([Generation(cut, "length"), loop, good])
-    rows = caption_regions(
+    rows = caption_batch(
         views(["sign", "sign", "sign"]),
         backend,
         "{label}",
@@ -79,3 +87,65 @@ def test_cut_off_and_looping_captions_are_marked_not_ok():
         "repetition_penalty": 1.0,
         "max_new_tokens": 192,
     }
+
+
+class Counting:
+    """A caption naming the region's label; records the labels it is asked about, and dies (as
+    if killed) at its ``die_at``-th call."""
+
+    decoding = GREEDY
+
+    def __init__(self, die_at: int | None = None):
+        self.die_at, self.calls, self.asked = die_at, 0, []
+
+    def generate(self, images, prompts, max_new_tokens):
+        self.calls += 1
+        if self.calls == self.die_at:
+            raise KeyboardInterrupt
+        labels = [p.split()[2] for p in prompts]
+        self.asked += labels
+        texts = [f"{x}. A plain thing with a label of its own, seen from the side." for x in labels]
+        return [Generation(text, "stop") for text in texts]
+
+
+PROMPT = "Caption the {label} in the {colour} box."
+# Regions by image, in tar order; the second image has none. Batches of 2: [r0 r1] [r2 r3]
+# [r4 r5] [r6].
+LABELS = [["r0", "r1", "r2"], [], ["r3"], ["r4", "r5"], ["r6"]]
+
+
+def killed_shard(tmp_path):
+    """A shard, its uninterrupted captions, and a run killed after two flushed batches."""
+    regions, tar, status = region_shard(tmp_path, LABELS)
+    caption = partial(
+        caption_regions_shard,
+        regions,
+        tar,
+        status,
+        settings=RegionCaptionSettings(batch_size=2, words=[4, 120]),
+        identity={"model": "scripted"},
+        flush_every=1,
+    )
+    caption(out=tmp_path / "whole.parquet", prompt=PROMPT, backend=Counting())
+    with pytest.raises(KeyboardInterrupt):
+        caption(out=tmp_path / "captioned.parquet", prompt=PROMPT, backend=Counting(die_at=3))
+    return caption
+
+
+def test_a_killed_captioning_resumes_without_captioning_a_region_twice(tmp_path):
+    caption = killed_shard(tmp_path)
+    backend = Counting()
+    summary = caption(out=tmp_path / "captioned.parquet", prompt=PROMPT, backend=backend)
+    assert backend.asked == ["r4", "r5", "r6"]
+    assert summary == {"regions": 7, "ok": 7, "resumed_regions": 4}
+    whole = (tmp_path / "whole.parquet").read_bytes()
+    assert (tmp_path / "captioned.parquet").read_bytes() == whole
+    assert not (tmp_path / "captioned.parquet.parts").exists()
+
+
+def test_caption_parts_of_another_prompt_are_discarded(tmp_path):
+    caption = killed_shard(tmp_path)
+    backend = Counting()
+    other = "Caption the {label} outlined in {colour}."
+    caption(out=tmp_path / "captioned.parquet", prompt=other, backend=backend)
+    assert backend.asked == [f"r{i}" for i in range(7)]

@@ -230,8 +230,8 @@ class Slow:
 
 summary = caption_shard(Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5]),
                         {"short": "s", "long": "l"},
-                        CaptionSettings(chunk_size=2, flush_every=1, words={"short": [3, 40],
-                                        "long": [5, 100]}), Slow(), {"id": "slow"})
+                        CaptionSettings(chunk_size=2, words={"short": [3, 40], "long": [5, 100]}),
+                        Slow(), {"id": "slow"}, flush_every=1)
 print(json.dumps(summary))
 """
 
@@ -321,15 +321,15 @@ def test_parts_of_other_images_or_parsing_are_discarded(tmp_path):
                 raise KeyboardInterrupt
             return super().generate(images, prompts, max_new_tokens)
 
-    settings = CaptionSettings(chunk_size=2, flush_every=1, words=WORDS)
+    settings = CaptionSettings(chunk_size=2, words=WORDS)
     with pytest.raises(KeyboardInterrupt):
-        caption_shard(tar, status, out, PROMPTS, settings, Killed(good_answer), MODEL)
+        caption_shard(tar, status, out, PROMPTS, settings, Killed(good_answer), MODEL, 1)
     assert len(list(parts.glob("part-*.parquet"))) == 1
     # The shard is downloaded again with the same keys (new bytes), and the words range changes.
     os.utime(tar, ns=(1, 1))
     backend = Scripted(good_answer)
-    wider = CaptionSettings(chunk_size=2, flush_every=1, words={"short": [1, 40], "long": [1, 500]})
-    summary = caption_shard(tar, status, out, PROMPTS, wider, backend, MODEL)
+    wider = CaptionSettings(chunk_size=2, words={"short": [1, 40], "long": [1, 500]})
+    summary = caption_shard(tar, status, out, PROMPTS, wider, backend, MODEL, 1)
     assert summary["resumed_rows"] == 0 and backend.calls == [4, 4]
 
 

@@ -114,15 +114,15 @@ def models(tmp_path_factory):
     return Detector(ModelRef(str(root / "owlv2"))), load_sam(ModelRef(str(root / "sam")))
 
 
-def write_shard(folder, captions):
+def write_shard(folder, captions, widths=None):
     """Images stored at half their original size, as a resizing download would."""
     keys = [f"{i:016x}" for i in range(len(captions))]
+    widths = widths or [60] * len(keys)
     with tarfile.open(folder / "s.tar", "w") as tar:
         for i, key in enumerate(keys):
             buf = io.BytesIO()
-            Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 60, 3), np.uint8)).save(
-                buf, "JPEG"
-            )
+            pixels = np.random.default_rng(i).integers(0, 255, (40, widths[i], 3), np.uint8)
+            Image.fromarray(pixels).save(buf, "JPEG")
             info = tarfile.TarInfo(f"{key}.jpg")
             info.size = buf.tell()
             tar.addfile(info, io.BytesIO(buf.getvalue()))
@@ -144,18 +144,20 @@ def write_shard(folder, captions):
     pq.write_table(pa.Table.from_pylist(scene, schema=SCENE_SCHEMA), folder / "scene.parquet")
 
 
-def propose(folder, models, settings):
+def propose(folder, models, settings, out="p.parquet", flush_every=8):
     """propose_shard on the shard write_shard made in ``folder``."""
     detector, sam = models
     return propose_shard(
         folder / "s.tar",
         folder / "s.parquet",
         folder / "scene.parquet",
-        folder / "p.parquet",
+        folder / out,
         VOCAB,
         detector,
         sam,
         settings,
+        {"detector": "tiny", "sam": "tiny"},
+        flush_every,
     )
 
 
@@ -202,3 +204,38 @@ def test_fallback_none_skips_images_whose_caption_names_nothing(models, tmp_path
     summary = propose(tmp_path, models, ProposeSettings(**{**TINY.__dict__, "fallback": "none"}))
     assert summary["query_source"]["none"] == 1 and summary["proposals"] == 0
     assert pq.read_table(tmp_path / "p.parquet").num_rows == 0
+
+
+class Counting:
+    """The tiny detector, recording the images it is shown (by width) and dying (as if
+    killed) at its ``die_at``-th call."""
+
+    def __init__(self, detector, die_at=None):
+        self.detector, self.die_at, self.calls, self.widths = detector, die_at, 0, []
+
+    def detect(self, images, queries, threshold, top_k):
+        self.calls += 1
+        if self.calls == self.die_at:
+            raise KeyboardInterrupt
+        self.widths += [image.width for image in images]
+        return self.detector.detect(images, queries, threshold, top_k)
+
+
+def test_a_killed_proposal_run_resumes_without_detecting_an_image_twice(models, tmp_path):
+    detector, sam = models
+    captions = ["A dog under the sky.", "noise words only", "A bus.", "A teddy bear in a box."]
+    write_shard(tmp_path, captions, widths=[60, 61, 62, 63])
+    settings = ProposeSettings(**{**TINY.__dict__, "batch_size": 1, "fallback": "none"})
+    whole = propose(tmp_path, models, settings, out="whole.parquet")
+    # Image 1 names nothing: no detector call. Dies on image 3, after images 0-2 were flushed.
+    with pytest.raises(KeyboardInterrupt):
+        propose(tmp_path, (Counting(detector, die_at=3), sam), settings, flush_every=1)
+    counting = Counting(detector)
+    summary = propose(tmp_path, (counting, sam), settings, flush_every=1)
+    assert counting.widths == [63] and summary["resumed_images"] == 3
+    assert {k: v for k, v in summary.items() if k != "resumed_images"} == {
+        k: v for k, v in whole.items() if k != "resumed_images"
+    }
+    assert summary["query_source"] == {"caption": 3, "vocabulary": 0, "none": 1}
+    assert (tmp_path / "p.parquet").read_bytes() == (tmp_path / "whole.parquet").read_bytes()
+    assert not (tmp_path / "p.parquet.parts").exists()

@@ -1,8 +1,11 @@
 """refine_regions on hand-written captions and LLM answers, good and broken."""
 
 import json
+from functools import partial
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from hic.decoding import GREEDY, Generation
@@ -13,10 +16,11 @@ from hic.refine_regions import (
     normalise_text,
     parse_refined,
     refine,
-    refine_rows,
+    refine_shard,
     remove_box_phrases,
     split_label,
 )
+from hic.region_tables import CAPTIONED_SCHEMA, REFINED_SCHEMA
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "prompts" / "region_refine.txt"
 
@@ -370,25 +374,127 @@ class _Scripted:
         return [a if isinstance(a, Generation) else Generation(a, "stop") for a in answers]
 
 
-def test_refine_rows_records_the_path_of_every_region():
+def write_captioned(path: Path, regions: list[dict]) -> Path:
+    pq.write_table(pa.Table.from_pylist(regions, schema=CAPTIONED_SCHEMA), path)
+    return path
+
+
+def test_refine_shard_records_the_path_of_every_region(tmp_path):
     regions = [
-        {"label": "dog", "raw_caption": "Dog. A dog within the red bounding box sits."},
-        {"label": "cat", "raw_caption": "Cat. A grey cat in the red bounding box sleeps."},
-        {"label": "sky", "raw_caption": None},
+        {"key": "a", "label": "dog", "raw_caption": "Dog. A dog within the red bounding box sits."},
+        {"key": "a", "label": "sky", "raw_caption": None},
+        {
+            "key": "b",
+            "label": "cat",
+            "raw_caption": "Cat. A grey cat in the red bounding box sleeps.",
+        },
     ]
     backend = _Scripted(['{"label": "dog", "caption": "A dog sits."}', "noise %%%"])
-    rows = refine_rows(regions, backend, "{label}: {caption}", batch_size=1, max_new_tokens=8)
+    summary = refine_shard(
+        write_captioned(tmp_path / "captioned.parquet", regions),
+        tmp_path / "refined.parquet",
+        backend,
+        "{label}: {caption}",
+        {"model": "scripted"},
+        batch_size=1,
+        max_new_tokens=8,
+    )
     assert backend.calls == [1, 1]  # the region without a caption never reaches the LLM
-    assert [r["refine_path"] for r in rows] == ["llm", "fallback", "failed"]
+    table = pq.read_table(tmp_path / "refined.parquet")
+    assert table.schema == REFINED_SCHEMA
+    rows = table.to_pylist()
+    assert [r["refine_path"] for r in rows] == ["llm", "failed", "fallback"]
+    assert summary["refine_path"] == {"llm": 1, "fallback": 1, "failed": 1}
     assert rows[0]["caption"] == "A dog sits."
-    assert rows[1]["caption"] == "A grey cat sleeps."
-    assert rows[2]["caption"] is None and rows[2]["refine_reason"]
+    assert rows[1]["caption"] is None and rows[1]["refine_reason"]
+    assert rows[2]["caption"] == "A grey cat sleeps."
 
 
-def test_a_cut_off_llm_answer_is_not_used():
-    regions = [{"label": "dog", "raw_caption": "Dog. A dog within the red bounding box sits."}]
+def test_a_cut_off_llm_answer_is_not_used(tmp_path):
+    regions = [
+        {"key": "a", "label": "dog", "raw_caption": "Dog. A dog within the red bounding box sits."}
+    ]
     cut = Generation('{"label": "dog", "caption": "A dog sits on the', "length")
-    rows = refine_rows(regions, _Scripted([cut]), "{label}", batch_size=1, max_new_tokens=8)
+    out = tmp_path / "refined.parquet"
+    refine_shard(
+        write_captioned(tmp_path / "captioned.parquet", regions),
+        out,
+        _Scripted([cut]),
+        "{label}",
+        {"model": "scripted"},
+        batch_size=1,
+        max_new_tokens=8,
+    )
+    rows = pq.read_table(out).to_pylist()
     assert rows[0]["refine_path"] == "fallback" and rows[0]["caption"] == "A dog sits."
     assert rows[0]["refine_reason"] == "truncated: cut off at the token limit"
     assert json.loads(rows[0]["refine_generation"])["max_new_tokens"] == 8
+
+
+class Counting:
+    """A valid answer for even regions, noise for odd ones; records the labels it is asked
+    about, and dies (as if killed) at its ``die_at``-th call."""
+
+    decoding = GREEDY
+
+    def __init__(self, die_at: int | None = None):
+        self.die_at, self.calls, self.asked = die_at, 0, []
+
+    def generate(self, images, prompts, max_new_tokens):
+        self.calls += 1
+        if self.calls == self.die_at:
+            raise KeyboardInterrupt
+        labels = [p.split(":")[0] for p in prompts]
+        self.asked += labels
+        texts = [
+            json.dumps({"label": x, "caption": f"A thing called {x}."})
+            if int(x[1:]) % 2 == 0
+            else "noise %%%"
+            for x in labels
+        ]
+        return [Generation(text, "stop") for text in texts]
+
+
+def killed_shard(tmp_path):
+    """Regions (every third without a raw caption), their uninterrupted refinement, and a run
+    killed after two flushed batches."""
+    regions = [
+        {
+            "key": f"k{i // 2}",
+            "label": f"r{i}",
+            "raw_caption": None if i % 3 == 2 else f"R{i}. A thing in the red border.",
+        }
+        for i in range(10)
+    ]
+    refine_ = partial(
+        refine_shard,
+        write_captioned(tmp_path / "captioned.parquet", regions),
+        template="{label}: {caption}",
+        identity={"model": "scripted"},
+        batch_size=2,
+        max_new_tokens=8,
+        flush_every=1,
+    )
+    refine_(out=tmp_path / "whole.parquet", backend=Counting())
+    with pytest.raises(KeyboardInterrupt):
+        refine_(out=tmp_path / "refined.parquet", backend=Counting(die_at=3))
+    return refine_
+
+
+def test_a_killed_refinement_resumes_without_refining_a_caption_twice(tmp_path):
+    refine_ = killed_shard(tmp_path)
+    backend = Counting()
+    summary = refine_(out=tmp_path / "refined.parquet", backend=backend)
+    # Captioned regions, batched by two: [r0 r1] [r3 r4] were flushed, [r6 r7] was lost.
+    assert backend.asked == ["r6", "r7", "r9"] and summary["resumed_regions"] == 4
+    assert summary["refine_path"] == {"llm": 3, "fallback": 4, "failed": 3}
+    whole = (tmp_path / "whole.parquet").read_bytes()
+    assert (tmp_path / "refined.parquet").read_bytes() == whole
+    assert not (tmp_path / "refined.parquet.parts").exists()
+
+
+def test_refinement_parts_of_another_template_are_discarded(tmp_path):
+    refine_ = killed_shard(tmp_path)
+    backend = Counting()
+    refine_(out=tmp_path / "refined.parquet", backend=backend, template="{label}: {caption}!")
+    assert backend.asked == ["r0", "r1", "r3", "r4", "r6", "r7", "r9"]

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from hic.caption_scene import batches, parse_caption
+from PIL import Image
+
+from hic.caption_scene import parse_caption
+from hic.parts import file_identity, fingerprint, settings_identity
 from hic.refine_regions import split_label
-from hic.region_images import fill
+from hic.region_images import fill, map_region_views
+from hic.region_tables import CAPTIONED_SCHEMA
 from hic.text import output_problem
 
 
@@ -48,28 +53,70 @@ def judge_caption(text: str, truncated: bool, words) -> tuple[str | None, str, s
     return caption, "ok" if caption else "unparsed", reason
 
 
-def caption_regions(views, backend, prompt: str, settings: RegionCaptionSettings) -> list[dict]:
+def caption_batch(
+    views: list[tuple[dict, Image.Image]],
+    backend,
+    prompt: str,
+    settings: RegionCaptionSettings,
+) -> list[dict]:
+    """``views``: (region, drawn image) pairs; returns the regions with a caption each."""
     generation = json.dumps(
         backend.decoding.effective() | {"max_new_tokens": settings.max_new_tokens}, sort_keys=True
     )
+    regions, images = [r for r, _ in views], [im for _, im in views]
+    outputs = backend.generate(
+        images,
+        [fill(prompt, label=r["label"], colour=settings.box_colour) for r in regions],
+        settings.max_new_tokens,
+    )
     rows = []
-    for batch in batches(iter(views), settings.batch_size):
-        regions, images = [r for r, _ in batch], [im for _, im in batch]
-        outputs = backend.generate(
-            images,
-            [fill(prompt, label=r["label"], colour=settings.box_colour) for r in regions],
-            settings.max_new_tokens,
+    for region, output in zip(regions, outputs, strict=True):
+        caption, status, reason = judge_caption(output.text, output.truncated, settings.words)
+        rows.append(
+            {
+                **region,
+                "raw_caption": shape_caption(caption, region["label"]) if caption else None,
+                "caption_status": status,
+                "caption_reason": reason,
+                "caption_model_output": None if caption else output.text,
+                "caption_generation": generation,
+            }
         )
-        for region, output in zip(regions, outputs, strict=True):
-            caption, status, reason = judge_caption(output.text, output.truncated, settings.words)
-            rows.append(
-                {
-                    **region,
-                    "raw_caption": shape_caption(caption, region["label"]) if caption else None,
-                    "caption_status": status,
-                    "caption_reason": reason,
-                    "caption_model_output": None if caption else output.text,
-                    "caption_generation": generation,
-                }
-            )
     return rows
+
+
+def caption_regions_shard(
+    regions: Path,
+    tar: Path,
+    status: Path,
+    out: Path,
+    prompt: str,
+    settings: RegionCaptionSettings,
+    backend,
+    identity: dict,
+    flush_every: int = 8,
+) -> dict:
+    """Caption every verified region of a shard into ``out`` (CAPTIONED_SCHEMA), resumably.
+
+    ``identity`` names what else decides the rows (model reference, backend and its options);
+    with the prompt's text, the settings and the inputs it fingerprints the flushed parts."""
+    job = fingerprint(
+        identity, prompt, settings_identity(settings), file_identity([regions, tar, status])
+    )
+    mapped = map_region_views(
+        "caption_regions",
+        regions,
+        tar,
+        status,
+        out,
+        CAPTIONED_SCHEMA,
+        job,
+        lambda views: caption_batch(views, backend, prompt, settings),
+        settings,
+        flush_every,
+    )
+    return {
+        "regions": len(mapped.rows),
+        "ok": sum(r["caption_status"] == "ok" for r in mapped.rows),
+        "resumed_regions": mapped.resumed_units,
+    }

@@ -11,13 +11,12 @@ An answer cut off at its token limit (the backend's finish reason) is ``truncate
 caught in a loop ``repetitive``, whatever it reads like; the decoding parameters, all set
 explicitly, are recorded per row (``generation``).
 
-Resumable inside a shard: finished rows are flushed every ``flush_every`` chunks to
-``<out>.parts/part-NNNNN.parquet`` (atomic rename). A restarted job keeps the parts written
-under the same fingerprint (model, prompts, generation and parsing settings, backend, the
-tar's size and mtime, input keys), captions only the rest, and the final parquet is assembled
-from the parts: no row is lost or captioned twice. An image the model refuses (an extreme
-aspect ratio, memory) fails alone with the error as its reason; a fault that fails every
-image (a broken GPU) stops the job.
+Resumable inside a shard (``hic.parts``): finished rows are flushed every ``flush_every``
+chunks; a restarted job keeps the parts written under the same fingerprint (model, prompts,
+generation and parsing settings, backend, the tar and status table as written), captions only
+the rest, and the final parquet is assembled from the parts: no row is lost or captioned twice.
+An image the model refuses (an extreme aspect ratio, memory) fails alone with the error as its
+reason; a fault that fails every image (a broken GPU) stops the job.
 """
 
 from __future__ import annotations
@@ -28,10 +27,9 @@ import json
 import logging
 import os
 import re
-import shutil
 import tarfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -41,6 +39,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from hic.decoding import Decoding, Generation
+from hic.parts import PartStore, file_identity, fingerprint, model_identity, resumable_map
 from hic.text import output_problem, text_problem
 
 log = logging.getLogger(__name__)
@@ -86,7 +85,6 @@ class CaptionSettings:
     )
     min_pixels: int = 3136
     max_pixels: int = 802816
-    flush_every: int = 1
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
@@ -165,12 +163,18 @@ def parse_caption(text: str, kind: str, words: Sequence[int]) -> tuple[str | Non
     return caption, None
 
 
-def read_images(tar: Path, skip: set[str]) -> Iterator[tuple[str, Image.Image | None, str | None]]:
-    """(key, image, None) per image in a download tar, or (key, None, reason) if undecodable."""
+def read_images(
+    tar: Path, skip: Container[str] = frozenset(), only: Container[str] | None = None
+) -> Iterator[tuple[str, Image.Image | None, str | None]]:
+    """(key, image, None) per image in a download tar, or (key, None, reason) if undecodable.
+
+    Images whose key is in ``skip``, or not in ``only`` when given, are not decoded."""
     with tarfile.open(tar) as t:
         for member in t:
             key, _, ext = member.name.partition(".")
             if ext.lower() not in IMAGE_EXTENSIONS or key in skip:
+                continue
+            if only is not None and key not in only:
                 continue
             data = t.extractfile(member).read()
             try:
@@ -180,51 +184,6 @@ def read_images(tar: Path, skip: set[str]) -> Iterator[tuple[str, Image.Image | 
                 yield key, None, f"image does not decode: {err}"
                 continue
             yield key, image.convert("RGB"), None
-
-
-def batches(items: Iterator, size: int, drop_last: bool = False) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch and not drop_last:
-        yield batch
-
-
-class PartStore:
-    """Flushed rows of an unfinished shard, valid only for one fingerprint."""
-
-    def __init__(self, folder: Path, fingerprint: str):
-        self.folder = folder
-        manifest = folder / "manifest.json"
-        wanted = json.dumps({"fingerprint": fingerprint})
-        if folder.exists() and _read_text(manifest) != wanted:
-            log.info("discarding parts of another configuration in %s", folder)
-            shutil.rmtree(folder)
-        if not manifest.exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = manifest.with_suffix(".tmp")
-            tmp.write_text(wanted)
-            os.replace(tmp, manifest)  # a kill leaves the manifest whole or absent
-
-    def parts(self) -> list[Path]:
-        return sorted(self.folder.glob("part-*.parquet"))
-
-    def read(self) -> pa.Table:
-        tables = [pq.read_table(p) for p in self.parts()]
-        return pa.concat_tables(tables) if tables else SCENE_SCHEMA.empty_table()
-
-    def write(self, rows: list[dict]) -> None:
-        path = self.folder / f"part-{len(self.parts()):05d}.parquet"
-        tmp = path.with_suffix(".tmp")
-        pq.write_table(pa.Table.from_pylist(rows, schema=SCENE_SCHEMA), tmp)
-        os.replace(tmp, path)  # a killed job leaves a whole part or none
-
-
-def _read_text(path: Path) -> str | None:
-    return path.read_text() if path.exists() else None
 
 
 def _row(key: str, provenance: dict, **values) -> dict:
@@ -350,10 +309,12 @@ def caption_shard(
     settings: CaptionSettings,
     backend: Backend,
     model: dict,
+    flush_every: int = 8,
 ) -> dict:
     """Caption every downloaded image of a shard into ``out`` (SCENE_SCHEMA), resumably.
 
-    ``model`` is ``{"id", "revision"}`` for provenance; ``backend`` does the generation.
+    ``model`` is ``{"id", "revision"}`` for provenance; ``backend`` does the generation;
+    progress is flushed every ``flush_every`` chunks.
     """
     downloads = pq.read_table(status, columns=["key", "status", "error_type"]).to_pylist()
     provenance = {
@@ -362,53 +323,52 @@ def caption_shard(
         "prompt_hash": prompt_hash(prompts),
         "generation": settings.generation(),
     }
-    # Flushed rows are reused only for the same images (the tar's bytes: a re-download may
-    # keep its keys), the same model, prompts and generation, and the same parsing.
-    tar_stat = tar.stat()
-    fingerprint = hashlib.sha256(
-        json.dumps(
-            [
-                provenance,
-                settings.words,
-                settings.backend,
-                [tar_stat.st_size, tar_stat.st_mtime_ns],
-                [d["key"] for d in downloads],
-            ]
-        ).encode()
-    ).hexdigest()
-    store = PartStore(out.with_name(out.name + ".parts"), fingerprint)
-    done = set(store.read().column("key").to_pylist())
-    resumed = len(done)
-    if resumed:
-        log.info("resuming: %d rows already flushed in %d parts", resumed, len(store.parts()))
+    # Flushed rows are reused only for the same images (the tar and status table as written:
+    # a re-download may keep its keys), the same model, prompts and generation, and the same
+    # parsing.
+    job = fingerprint(
+        provenance,
+        model_identity(model),
+        settings.words,
+        settings.backend,
+        file_identity([tar, status]),
+    )
+    store = PartStore.beside(out, job, SCENE_SCHEMA)
 
-    pending: list[dict] = []
     # The backend's own clock times the model alone; without one (scripted test backends),
     # the whole batch call is counted as model time.
     watch = getattr(backend, "model_time", None)
     watched_before = watch.seconds if watch is not None else 0.0
-    batch_seconds, started, n_batches = 0.0, time.perf_counter(), 0
+    batch_seconds, started = 0.0, time.perf_counter()
     streak = FailureStreak()
-    for batch in batches(read_images(tar, done), settings.chunk_size):
-        good = [(key, image) for key, image, _ in batch if image is not None]
-        pending += [
-            _row(key, provenance, status="failed", reason=reason)
-            for key, image, reason in batch
-            if image is None
-        ]
-        if good:
-            t0 = time.perf_counter()
-            pending += caption_or_isolate(backend, good, prompts, settings, provenance, streak)
-            batch_seconds += time.perf_counter() - t0
-        n_batches += 1
-        if n_batches % settings.flush_every == 0:
-            store.write(pending)
-            pending = []
-            log.info("flushed %d batches", n_batches)
-    if pending:
-        store.write(pending)
 
-    captioned = {r["key"]: r for r in store.read().to_pylist()}
+    def caption(batch: list[tuple[str, Image.Image | None, str | None]]) -> list[list[dict]]:
+        nonlocal batch_seconds
+        good = [(key, image) for key, image, _ in batch if image is not None]
+        t0 = time.perf_counter()
+        rows = (
+            caption_or_isolate(backend, good, prompts, settings, provenance, streak) if good else []
+        )
+        batch_seconds += time.perf_counter() - t0
+        captioned = iter(rows)  # one row per decoded image, in order
+        return [
+            [
+                next(captioned)
+                if image is not None
+                else _row(key, provenance, status="failed", reason=reason)
+            ]
+            for key, image, reason in batch
+        ]
+
+    mapped = resumable_map(
+        store,
+        lambda done: read_images(tar, skip=done),
+        lambda item: item[0],
+        caption,
+        settings.chunk_size,
+        flush_every,
+    )
+    captioned = {r["key"]: r for r in mapped.rows}
     extra = set(captioned) - {d["key"] for d in downloads if d["status"] == "success"}
     if extra:  # the tar and its status table disagree: say so rather than drop them quietly
         log.warning(
@@ -433,15 +393,15 @@ def caption_shard(
     tmp = out.with_name(out.name + ".tmp")
     pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, out)
-    shutil.rmtree(store.folder)
+    store.remove()
     total = time.perf_counter() - started
     model_seconds = watch.seconds - watched_before if watch is not None else batch_seconds
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
     return {
         "rows": len(rows),
         "status": counts,
-        "resumed_rows": resumed,
-        "captioned_now": len(captioned) - resumed,
+        "resumed_rows": mapped.resumed_units,
+        "captioned_now": len(mapped.units) - mapped.resumed_units,
         "seconds_total": round(total, 3),
         "seconds_model": round(model_seconds, 3),
         "seconds_batches": round(batch_seconds, 3),  # model + prompts, image processing, parsing

@@ -30,11 +30,13 @@ from pathlib import Path
 
 import lemminflect
 import numpy as np
-import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from hic.region_tables import PROPOSAL_SCHEMA
+from hic.caption_scene import read_images
+from hic.parts import PartStore, file_identity, fingerprint, resumable_map, settings_identity
+from hic.region_tables import PROPOSAL_SCHEMA, image_sizes, write_rows
 
 
 @dataclass(frozen=True)
@@ -372,6 +374,14 @@ def image_proposals(
     return proposals
 
 
+def query_source(caption: str | None, names: list[str], fallback: str) -> tuple[str, list[str]]:
+    """(where the detector's queries come from, the queries) for an image's caption."""
+    found = caption_objects(caption, names)
+    if found:
+        return "caption", found
+    return fallback, names if fallback == "vocabulary" else []
+
+
 def propose_shard(
     tar: Path,
     status: Path,
@@ -381,55 +391,95 @@ def propose_shard(
     detector: Detector,
     sam,
     settings: ProposeSettings,
+    identity: dict,
+    flush_every: int = 8,
 ) -> dict:
-    """Proposals for every downloaded image of a shard; ``vocabulary`` has things and stuff."""
-    import pyarrow.parquet as pq
+    """Proposals for every downloaded image of a shard; ``vocabulary`` has things and stuff.
 
-    from hic.caption_scene import batches, read_images
-
-    sizes = {
-        r["key"]: r
-        for r in pq.read_table(
-            status, columns=["key", "width", "height", "original_width", "original_height"]
-        ).to_pylist()
-    }
+    Resumable (``hic.parts``): a unit is a decodable image, by key; ``identity`` (the
+    detector's and SAM's references), the settings, the vocabulary and the inputs fingerprint
+    the flushed parts."""
+    sizes = image_sizes(status)
     captions = {
         r["key"]: r["long_caption"] or r["short_caption"]
         for r in pq.read_table(scene, columns=["key", "short_caption", "long_caption"]).to_pylist()
     }
     names = vocabulary["things"] + vocabulary["stuff"]
     stuff = set(vocabulary["stuff"])
-    rows, images, by_source = [], 0, {"caption": 0, "vocabulary": 0, "none": 0}
-    for batch in batches(read_images(tar, set()), settings.batch_size):
-        work = []
-        for key, image, _ in batch:
-            if image is None:
-                continue
-            images += 1
-            found = caption_objects(captions.get(key), names)
-            source = "caption" if found else settings.fallback
-            by_source[source] += 1
-            if source != "none":
-                work.append((key, image, found or names, source))
-        if not work:
-            continue
-        detections = detector.detect(
-            [w[1] for w in work], [w[2] for w in work], settings.detector_threshold, settings.top_k
+    job = fingerprint(
+        identity, settings_identity(settings), vocabulary, file_identity([tar, status, scene])
+    )
+    store = PartStore.beside(out, job, PROPOSAL_SCHEMA)
+
+    def propose(batch: list[tuple[str, Image.Image]]) -> list[list[dict]]:
+        queries = {
+            key: query_source(captions.get(key), names, settings.fallback) for key, _ in batch
+        }
+        work = [(key, image) for key, image in batch if queries[key][0] != "none"]
+        found = (
+            detector.detect(
+                [image for _, image in work],
+                [queries[key][1] for key, _ in work],
+                settings.detector_threshold,
+                settings.top_k,
+            )
+            if work
+            else []
         )
-        for (key, image, _, source), found in zip(work, detections, strict=True):
-            size = sizes[key]
-            sx = (size["original_width"] or image.width) / image.width
-            sy = (size["original_height"] or image.height) / image.height
-            for p in image_proposals(image, found, stuff, sam, settings):
-                rows.append(
-                    {
-                        **p,
-                        "key": key,
-                        "bbox": to_original(p["bbox"], sx, sy),
-                        "mask_area": None if p["mask_area"] is None else p["mask_area"] * sx * sy,
-                        "query_source": source,
-                    }
-                )
-    table = pa.Table.from_pylist(rows, schema=PROPOSAL_SCHEMA)
-    pq.write_table(table, out, compression="zstd")
-    return {"images": images, "proposals": len(rows), "query_source": by_source}
+        detections = dict(zip([key for key, _ in work], found, strict=True))
+        args = (stuff, sam, settings)
+        return [
+            _image_rows(key, image, detections[key], queries[key][0], sizes[key], *args)
+            if key in detections
+            else []  # no query: no proposal
+            for key, image in batch
+        ]
+
+    # An image that does not decode is no unit: it has no proposals, and is tried again on
+    # a restart at the cost of a decode.
+    mapped = resumable_map(
+        store,
+        lambda done: (
+            (key, image) for key, image, _ in read_images(tar, skip=done) if image is not None
+        ),
+        lambda item: item[0],
+        propose,
+        settings.batch_size,
+        flush_every,
+    )
+    write_rows(mapped.rows, PROPOSAL_SCHEMA, out)
+    store.remove()
+    by_source = {"caption": 0, "vocabulary": 0, "none": 0}
+    for key in mapped.units:
+        by_source[query_source(captions.get(key), names, settings.fallback)[0]] += 1
+    return {
+        "images": len(mapped.units),
+        "proposals": len(mapped.rows),
+        "query_source": by_source,
+        "resumed_images": mapped.resumed_units,
+    }
+
+
+def _image_rows(
+    key: str,
+    image: Image.Image,
+    detections: list[dict],
+    source: str,
+    size: dict,
+    stuff: set[str],
+    sam,
+    settings: ProposeSettings,
+) -> list[dict]:
+    """An image's proposals, boxes and mask areas in pixels of the original image."""
+    sx = (size["original_width"] or image.width) / image.width
+    sy = (size["original_height"] or image.height) / image.height
+    return [
+        {
+            **p,
+            "key": key,
+            "bbox": to_original(p["bbox"], sx, sy),
+            "mask_area": None if p["mask_area"] is None else p["mask_area"] * sx * sy,
+            "query_source": source,
+        }
+        for p in image_proposals(image, detections, stuff, sam, settings)
+    ]

@@ -33,8 +33,11 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+from pathlib import Path
 
 from hic.decoding import Generation
+from hic.parts import PartStore, file_identity, fingerprint, resumable_map
+from hic.region_tables import REFINED_SCHEMA, read_rows, write_rows
 from hic.text import output_problem, text_problem
 
 #: The paper's phrases, most specific first so a match names the longest one.
@@ -312,38 +315,75 @@ def refine(
     }
 
 
-def refine_rows(
-    regions: list[dict], backend, template: str, *, batch_size: int, max_new_tokens: int
+def refine_batch(
+    regions: list[dict], backend, template: str, max_new_tokens: int, generation: str
 ) -> list[dict]:
-    """Refine every region's raw caption: the LLM (text-only) in batches, then :func:`refine`.
-
-    Regions without a raw caption skip the LLM and end ``failed`` with the reason; an answer
-    cut off at the token limit or looping is not used (``refine_reason`` says which)."""
-    generation = json.dumps(
-        backend.decoding.effective() | {"max_new_tokens": max_new_tokens}, sort_keys=True
-    )
-    todo = [i for i, r in enumerate(regions) if r.get("raw_caption")]
-    outputs: dict[int, Generation] = {}
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        prompts = [
-            build_prompt(template, regions[i]["label"], regions[i]["raw_caption"]) for i in chunk
-        ]
-        outputs.update(zip(chunk, backend.generate(None, prompts, max_new_tokens), strict=True))
+    """The refined rows of regions that have a raw caption: one text-only LLM call. An
+    answer cut off at the token limit or looping is not used (``refine_reason`` says which)."""
+    prompts = [build_prompt(template, r["label"], r["raw_caption"]) for r in regions]
+    outputs: list[Generation] = backend.generate(None, prompts, max_new_tokens)
     rows = []
-    for i, r in enumerate(regions):
-        output = outputs.get(i)
-        problem = output and output_problem(output.text, output.truncated)
+    for r, output in zip(regions, outputs, strict=True):
+        problem = output_problem(output.text, output.truncated)
+        reason = f"{problem[0]}: {problem[1]}" if problem else None
         rows.append(
             {
                 **r,
-                **refine(
-                    r.get("raw_caption"),
-                    r["label"],
-                    output and output.text,
-                    f"{problem[0]}: {problem[1]}" if problem else None,
-                ),
-                "refine_generation": generation if output else None,
+                **refine(r["raw_caption"], r["label"], output.text, reason),
+                "refine_generation": generation,
             }
         )
     return rows
+
+
+def refine_shard(
+    regions: Path,
+    out: Path,
+    backend,
+    template: str,
+    identity: dict,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    flush_every: int = 8,
+) -> dict:
+    """Refine every region's raw caption into ``out`` (REFINED_SCHEMA): the LLM in batches,
+    then :func:`refine`; regions without a raw caption skip the LLM and end ``failed``.
+
+    Resumable (``hic.parts``): a unit is a region with a raw caption, by its row index;
+    ``identity`` (model reference, backend and its options), the template, the generation
+    budget and the input fingerprint the flushed parts."""
+    rows = read_rows(regions)
+    generation = json.dumps(
+        backend.decoding.effective() | {"max_new_tokens": max_new_tokens}, sort_keys=True
+    )
+    job = fingerprint(identity, template, max_new_tokens, file_identity([regions]))
+    store = PartStore.beside(out, job, REFINED_SCHEMA)
+    mapped = resumable_map(
+        store,
+        lambda done: (i for i, r in enumerate(rows) if r.get("raw_caption") and i not in done),
+        lambda i: i,
+        lambda batch: [
+            [row]
+            for row in refine_batch(
+                [rows[i] for i in batch], backend, template, max_new_tokens, generation
+            )
+        ],
+        batch_size,
+        flush_every,
+    )
+    refined = dict(zip(mapped.units, mapped.rows, strict=True))
+    rows = [
+        refined[i]
+        if i in refined
+        else {**r, **refine(r.get("raw_caption"), r["label"], None), "refine_generation": None}
+        for i, r in enumerate(rows)
+    ]
+    write_rows(rows, REFINED_SCHEMA, out)
+    store.remove()
+    paths = ("llm", "fallback", "failed")
+    return {
+        "regions": len(rows),
+        "refine_path": {p: sum(r["refine_path"] == p for r in rows) for p in paths},
+        "resumed_regions": mapped.resumed_units,
+    }

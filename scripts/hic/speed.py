@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-#: config section -> its keys that only change speed (or how often progress is saved).
+#: config section -> its keys that only change speed. (The top-level ``flush_every``, how
+#: often GPU jobs save progress, is no rule's param either.)
 SPEED = {
-    "caption_scene": frozenset({"batch_size", "chunk_size", "flush_every", "vllm"}),
-    "verify_labels": frozenset({"batch_size", "flush_every"}),
-    "caption_regions": frozenset({"batch_size", "flush_every"}),
-    "refine_regions": frozenset({"batch_size", "flush_every"}),
-    "propose_regions/settings": frozenset({"batch_size", "flush_every"}),
+    "caption_scene": frozenset({"batch_size", "chunk_size", "vllm"}),
+    "verify_labels": frozenset({"batch_size"}),
+    "caption_regions": frozenset({"batch_size"}),
+    "refine_regions": frozenset({"batch_size"}),
+    "propose_regions/settings": frozenset({"batch_size"}),
     "download": frozenset({"thread_count", "processes_count"}),
     "clip/defaults": frozenset({"checkpoint_every", "workers"}),
 }

@@ -43,8 +43,8 @@ from open_clip import ClipLoss
 from open_clip_train.scheduler import cosine_lr
 from PIL import Image
 
-from hic.caption_scene import batches as caption_batches
 from hic.clip_model import create_long_clip
+from hic.parts import batches as caption_batches
 
 log = logging.getLogger(__name__)
 

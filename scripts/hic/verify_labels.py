@@ -17,9 +17,13 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
-from hic.caption_scene import batches
-from hic.region_images import fill
+from PIL import Image
+
+from hic.parts import file_identity, fingerprint, settings_identity
+from hic.region_images import fill, map_region_views
+from hic.region_tables import VERIFIED_SCHEMA
 from hic.text import output_problem
 
 
@@ -50,54 +54,96 @@ def parse_label(text: str, max_words: int) -> str | None:
     return " ".join(words)
 
 
-def verify_regions(views, backend, prompts: dict[str, str], settings: VerifySettings) -> list[dict]:
+def verify_batch(
+    views: list[tuple[dict, Image.Image]],
+    backend,
+    prompts: dict[str, str],
+    settings: VerifySettings,
+) -> list[dict]:
     """``views``: (region, drawn image) pairs; returns the regions with a verdict each."""
     generation = json.dumps(
         backend.decoding.effective() | {"max_new_tokens": settings.max_new_tokens}, sort_keys=True
     )
+    regions, images = [r for r, _ in views], [im for _, im in views]
+    questions = [
+        fill(prompts["verify"], label=r["label"], colour=settings.box_colour) for r in regions
+    ]
+    probs = backend.choice_probabilities(images, questions, ("yes", "no"))
+    mass = [p["yes"] + p["no"] for p in probs]
+    answered = [m >= settings.min_answer_mass and m > 0 for m in mass]
+    p_yes = [p["yes"] / m if m > 0 else None for p, m in zip(probs, mass, strict=True)]
+    rejected = [i for i, p in enumerate(p_yes) if answered[i] and p < settings.accept]
+    answers = {}
+    if rejected:
+        outputs = backend.generate(
+            [images[i] for i in rejected],
+            [
+                fill(prompts["correct"], label=regions[i]["label"], colour=settings.box_colour)
+                for i in rejected
+            ],
+            settings.max_new_tokens,
+        )
+        answers = dict(zip(rejected, outputs, strict=True))
     rows = []
-    for batch in batches(iter(views), settings.batch_size):
-        regions, images = [r for r, _ in batch], [im for _, im in batch]
-        questions = [
-            fill(prompts["verify"], label=r["label"], colour=settings.box_colour) for r in regions
-        ]
-        probs = backend.choice_probabilities(images, questions, ("yes", "no"))
-        mass = [p["yes"] + p["no"] for p in probs]
-        answered = [m >= settings.min_answer_mass and m > 0 for m in mass]
-        p_yes = [p["yes"] / m if m > 0 else None for p, m in zip(probs, mass, strict=True)]
-        rejected = [i for i, p in enumerate(p_yes) if answered[i] and p < settings.accept]
-        answers = {}
-        if rejected:
-            outputs = backend.generate(
-                [images[i] for i in rejected],
-                [
-                    fill(prompts["correct"], label=regions[i]["label"], colour=settings.box_colour)
-                    for i in rejected
-                ],
-                settings.max_new_tokens,
+    for i, region in enumerate(regions):
+        row = {**region, "original_label": region["label"], "p_accurate": p_yes[i]}
+        row["verify_reason"] = None
+        row["correct_generation"] = generation if i in answers else None
+        if not answered[i]:
+            row.update(
+                verdict="unparsed",
+                verify_reason=f"no yes/no answer (P(yes) + P(no) = {mass[i]:.3g})",
             )
-            answers = dict(zip(rejected, outputs, strict=True))
-        for i, region in enumerate(regions):
-            row = {**region, "original_label": region["label"], "p_accurate": p_yes[i]}
-            row["verify_reason"] = None
-            row["correct_generation"] = generation if i in answers else None
-            if not answered[i]:
-                row.update(
-                    verdict="unparsed",
-                    verify_reason=f"no yes/no answer (P(yes) + P(no) = {mass[i]:.3g})",
-                )
-            elif i not in answers:
-                row["verdict"] = "accurate"
-            elif problem := output_problem(answers[i].text, answers[i].truncated):
-                status, reason = problem
-                row.update(verdict="unparsed", verify_reason=f"{status}: correction {reason}")
-            elif (corrected := parse_label(answers[i].text, settings.max_label_words)) is None:
-                row.update(
-                    verdict="unparsed", verify_reason=f"correction {answers[i].text!r} is no label"
-                )
-            elif corrected == region["label"].strip().lower():
-                row.update(verdict="unparsed", verify_reason="rejected, then named the same label")
-            else:
-                row.update(verdict="corrected", label=corrected)
-            rows.append(row)
+        elif i not in answers:
+            row["verdict"] = "accurate"
+        elif problem := output_problem(answers[i].text, answers[i].truncated):
+            status, reason = problem
+            row.update(verdict="unparsed", verify_reason=f"{status}: correction {reason}")
+        elif (corrected := parse_label(answers[i].text, settings.max_label_words)) is None:
+            row.update(
+                verdict="unparsed", verify_reason=f"correction {answers[i].text!r} is no label"
+            )
+        elif corrected == region["label"].strip().lower():
+            row.update(verdict="unparsed", verify_reason="rejected, then named the same label")
+        else:
+            row.update(verdict="corrected", label=corrected)
+        rows.append(row)
     return rows
+
+
+def verify_shard(
+    regions: Path,
+    tar: Path,
+    status: Path,
+    out: Path,
+    prompts: dict[str, str],
+    settings: VerifySettings,
+    backend,
+    identity: dict,
+    flush_every: int = 8,
+) -> dict:
+    """Verify every selected region of a shard into ``out`` (VERIFIED_SCHEMA), resumably.
+
+    ``identity`` names what else decides the rows (model reference, backend and its options);
+    with the prompts' text, the settings and the inputs it fingerprints the flushed parts."""
+    job = fingerprint(
+        identity, prompts, settings_identity(settings), file_identity([regions, tar, status])
+    )
+    mapped = map_region_views(
+        "verify_labels",
+        regions,
+        tar,
+        status,
+        out,
+        VERIFIED_SCHEMA,
+        job,
+        lambda views: verify_batch(views, backend, prompts, settings),
+        settings,
+        flush_every,
+    )
+    verdicts = ("accurate", "corrected", "unparsed")
+    return {
+        "regions": len(mapped.rows),
+        "verdict": {v: sum(r["verdict"] == v for r in mapped.rows) for v in verdicts},
+        "resumed_regions": mapped.resumed_units,
+    }
