@@ -11,7 +11,8 @@ between:
 
 - ``comment``: a comment line and a docstring added to every Python file under scripts/;
 - ``touch``: every workflow file's modification time moved forward (a fresh checkout, a pull);
-- ``speed``: batch sizes, the vLLM engine's memory share and the flush interval changed;
+- ``speed``: batch sizes and the vLLM engine's memory share changed (settings both sides'
+  schemas know);
 - ``behaviour``: one function added to ``scripts/hic/select_regions.py`` (the expected plan:
   select_regions and everything downstream of it, nothing upstream).
 
@@ -39,11 +40,11 @@ SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 TINY = """
 demo_world: {n_images: 36, n_benchmark_pairs: 4, width: 96, height: 72, classify_per_class: 2}
 shards: {size: 16}
-caption_scene: {batch_size: 2, flush_every: 1}
+caption_scene: {batch_size: 2}
 clip: {defaults: {epochs: 2, batch_size: 8, warmup: 2}}
 """
 SPEED = """
-caption_scene: {batch_size: 3, flush_every: 7, vllm: {gpu_memory_utilization: 0.8}}
+caption_scene: {batch_size: 3, vllm: {gpu_memory_utilization: 0.8}}
 verify_labels: {batch_size: 5}
 caption_regions: {batch_size: 5}
 refine_regions: {batch_size: 5}
