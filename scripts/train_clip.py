@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from hic.provenance import from_job
 from hic.runlog import to_log
 from hic.train_clip import TrainSettings, input_identity, pair_shards, train, write_job
@@ -21,14 +23,14 @@ settings = TrainSettings(**snakemake.params.settings)
 # Checkpoints and metrics live beside the outputs, so a killed job resumes from them.
 work = Path(out.model).parent / "train"
 work.mkdir(parents=True, exist_ok=True)
-gpus = int(snakemake.resources.get("gpu", 0) or 0)
-ranks = max(1, gpus)
+ranks = max(1, int(snakemake.resources.get("gpu", 0) or 0))  # one process per GPU
+# Each rank's share of the job's cores: one trains (one torch thread: more threads than free
+# cores only spin), the others decode in DataLoader workers.
 job = {
     "data_id": input_identity([*inp.tars, *inp.status, *inp.annotations, *inp.code]),
-    # what each rank's share of the job's cores allows: one core trains, the rest decode
-    "workers": max(0, snakemake.threads // ranks - 1),
+    "workers": max(1, snakemake.threads // ranks) - 1,
 }
-if ranks > 1:  # one process per GPU, as open_clip_train runs under torchrun
+if ranks > 1:  # as open_clip_train runs: torchrun, DDP
     write_job(work / "job.json", shards, work, settings, **job)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -36,6 +38,7 @@ if ranks > 1:  # one process per GPU, as open_clip_train runs under torchrun
     subprocess.run(command, env=env, check=True)
     summary = json.loads((work / "summary.json").read_text())
 else:
+    torch.set_num_threads(1)
     summary = train(shards, work, settings, **job)
 shutil.copy(work / "metrics.jsonl", out.metrics)
 shutil.copy(work / "params.txt", out.params)

@@ -660,8 +660,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = SimpleNamespace(device="cuda" if torch.cuda.is_available() else "cpu")
     init_distributed_device(args)
-    if args.distributed and args.device == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world_size))
+    if job.get("workers"):  # the rank's other cores decode: more threads would only spin
+        torch.set_num_threads(1)
     shards = [Shard(Path(t), Path(s), tuple(map(Path, a))) for t, s, a in job.pop("shards")]
     out_dir = Path(job.pop("out_dir"))
     settings = TrainSettings(**job.pop("settings"))
