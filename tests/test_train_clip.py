@@ -318,3 +318,23 @@ def test_reduced_jpeg_decoding_keeps_the_crop_above_the_input_size():
     buf = io.BytesIO()
     Image.new("RGB", (768, 576), "red").save(buf, "PNG")  # no draft mode for PNG
     assert load_image(buf.getvalue(), None, None, min_side=64).size == (768, 576)
+
+
+def test_the_count_pass_reads_the_release_word_counts_not_its_text(data, tmp_path):
+    keys = pq.read_table(data[0].status).column("key").to_pylist()
+    words = pa.table(
+        {
+            "key": keys,
+            "short_words": [0] * 4 + [5] * 8,
+            "long_words": [0] * 6 + [40] * 6,
+            "region_words": [[]] * 10 + [[0, 3]] * 2,
+        }
+    )  # no caption column at all: counting must not need one
+    pq.write_table(words, tmp_path / "release.parquet")
+    shard = replace(data[0], annotations=(tmp_path / "release.parquet",))
+    only = {"short": 1, "long": 1, "region": 0}
+    counts = {
+        policy: count_samples([shard], TrainSettings(policy=policy, mix=only))[0]
+        for policy in ("short", "long", "regions", "hierarchical")
+    }
+    assert counts == {"short": [8], "long": [6], "regions": [2], "hierarchical": [8]}

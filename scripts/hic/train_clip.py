@@ -74,6 +74,7 @@ MIX_KINDS = ("short", "long", "region")
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")  # a sample's image, in this order of preference
 STATUS_COLUMNS = ["key", "status", "caption", "original_width", "original_height"]
 CAPTION_COLUMNS = ["key", "short_caption", "long_caption", "regions"]
+WORD_COLUMNS = ["short_words", "long_words", "region_words"]  # the release's, per caption
 SHUFFLE_BUFFER = 256
 # RandomResizedCrop keeps >= 90% of the area at aspect 3/4..4/3: a crop's short side can be
 # ~0.8 of the image's, so a reduced decode keeps the short side >= 1.25x the model's input.
@@ -151,38 +152,58 @@ def _present(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.asarray(pc.fill_null(pc.not_equal(column, ""), False))
 
 
-def _region_counts(regions: pa.ChunkedArray) -> np.ndarray:
-    """Regions with a caption, per row (null lists count 0)."""
+def _region_counts(regions: pa.ChunkedArray, present) -> np.ndarray:
+    """Per row, the list items (regions) for which ``present(flat items)`` holds."""
     regions = regions.combine_chunks() if isinstance(regions, pa.ChunkedArray) else regions
     if len(regions) == 0:
         return np.zeros(0, np.int64)
     parents = np.asarray(pc.list_parent_indices(regions))
-    captioned = _present(pc.struct_field(pc.list_flatten(regions), "caption"))
-    return np.bincount(parents[captioned], minlength=len(regions))
+    return np.bincount(parents[present(pc.list_flatten(regions))], minlength=len(regions))
 
 
-def shard_rows(shard: Shard, settings: TrainSettings) -> tuple[pa.Table, Counter]:
+def _captions(path: Path, keys: pa.Array, text: bool) -> pa.Table:
+    """The rows of ``path`` whose key is in ``keys``: key, which captions exist (``has_short``,
+    ``has_long``, ``has_region``) and, with ``text``, the captions. The release's word counts
+    say which exist without reading any text; other files are judged by their text."""
+    counted = set(WORD_COLUMNS) <= set(pq.read_schema(path).names)
+    columns = ["key", *(WORD_COLUMNS if counted else [])]
+    columns += CAPTION_COLUMNS[1:] if text or not counted else []
+    table = pq.read_table(path, columns=columns)
+    table = table.filter(pc.is_in(table["key"], value_set=keys))
+    if counted:
+        words = [np.asarray(pc.fill_null(table[c], 0)) > 0 for c in WORD_COLUMNS[:2]]
+        regions = _region_counts(
+            table["region_words"], lambda w: np.asarray(pc.fill_null(w, 0)) > 0
+        )
+    else:
+        words = [_present(table[c]) for c in CAPTION_COLUMNS[1:3]]
+        regions = _region_counts(
+            table["regions"], lambda r: _present(pc.struct_field(r, "caption"))
+        )
+    has = {"has_short": words[0], "has_long": words[1], "has_region": regions > 0}
+    out = pa.table({"key": table["key"], **has})
+    for name in CAPTION_COLUMNS[1:] if text else []:
+        out = out.append_column(name, table[name])
+    return out
+
+
+def shard_rows(
+    shard: Shard, settings: TrainSettings, text: bool = True
+) -> tuple[pa.Table, Counter]:
     """The shard's usable samples: downloaded images (status ``success``) with an annotation
-    and the caption their policy needs, as one table (status columns and captions), and the
-    downloaded images left out, by reason. Reads this shard's rows only."""
+    and the caption their policy needs, as one table (status columns, and with ``text`` the
+    captions), and the downloaded images left out, by reason. Reads this shard's rows only."""
     status = pq.read_table(shard.status, columns=STATUS_COLUMNS)
     status = status.filter(pc.equal(status["status"], "success"))
-    found = []
-    for path in shard.annotations:
-        table = pq.read_table(path, columns=CAPTION_COLUMNS)
-        found.append(table.filter(pc.is_in(table["key"], value_set=status["key"])))
+    found = [_captions(path, status["key"], text) for path in shard.annotations]
     captions = pa.concat_tables(found, promote_options="permissive")
     at = pc.index_in(status["key"], value_set=captions["key"])
     annotated = np.asarray(pc.is_valid(at))
     joined = status.select(["key", "caption", "original_width", "original_height"])
-    for name in CAPTION_COLUMNS[1:]:
+    for name in captions.column_names[1:]:
         joined = joined.append_column(name, captions[name].take(at))
-    has = {
-        "alt": _present(joined["caption"]),
-        "short": _present(joined["short_caption"]),
-        "long": _present(joined["long_caption"]),
-        "region": _region_counts(joined["regions"]) > 0,
-    }
+    has = {kind: np.asarray(pc.fill_null(joined[f"has_{kind}"], False)) for kind in MIX_KINDS}
+    has["alt"] = _present(joined["caption"])
     if settings.policy == "hierarchical":
         usable = np.zeros(len(joined), bool)
         for kind in MIX_KINDS:
@@ -206,7 +227,7 @@ def count_samples(
     from the status tables and annotations only (a thread per shard read: Arrow reads
     release the GIL)."""
     with ThreadPoolExecutor(threads) as pool:
-        results = list(pool.map(lambda shard: shard_rows(shard, settings), shards))
+        results = list(pool.map(lambda shard: shard_rows(shard, settings, False), shards))
     left_out: Counter = Counter()
     for _, reasons in results:
         left_out.update(reasons)
