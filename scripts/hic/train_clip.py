@@ -226,12 +226,17 @@ def count_samples(
     """Usable samples per shard (the same every epoch) and the images left out, by reason;
     from the status tables and annotations only (a thread per shard read: Arrow reads
     release the GIL)."""
+
+    def count(shard: Shard) -> tuple[int, Counter]:
+        rows, left_out = shard_rows(shard, settings, text=False)
+        return len(rows), left_out  # the rows go: only the counts stay
+
     with ThreadPoolExecutor(threads) as pool:
-        results = list(pool.map(lambda shard: shard_rows(shard, settings, False), shards))
+        results = list(pool.map(count, shards))
     left_out: Counter = Counter()
     for _, reasons in results:
         left_out.update(reasons)
-    return [len(rows) for rows, _ in results], left_out
+    return [n for n, _ in results], left_out
 
 
 # ------------------------------------------------------------------ the epoch's order
