@@ -48,7 +48,9 @@ def data(tmp_path_factory):
         for i in range(12):
             key, colour = f"{i:016x}", COLOURS[i % 4]
             buf = io.BytesIO()
-            Image.new("RGB", (48, 32), colour).save(buf, "JPEG")
+            image = Image.new("RGB", (48, 32), colour)
+            image.paste("black", (4 * i % 40, 0, 4 * i % 40 + 8, 16))  # crops must differ
+            image.save(buf, "JPEG")
             for ext, payload in [("jpg", buf.getvalue()), ("txt", f"img {i}".encode())]:
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(payload)
