@@ -15,7 +15,7 @@ twice on them, with the same batch size, steps, AdamW and cosine schedule:
   ``wds.tarfile_to_samples(handler=log_and_continue)``, the reader open_clip's own source
   names beside it;
 - project: ``hic.train_clip.train`` as the train_clip rule calls it, policy ``long`` (the same
-  caption, joined from the annotations by key).
+  caption, joined from the annotations by key), with as many DataLoader workers.
 
 Both are timed end to end (model creation, data, every step), alternately, ``--repeats``
 times; the best run of each side counts. Prints samples/s of each, the share of step time
@@ -51,11 +51,12 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from hic import demo_world  # noqa: E402
 from hic.clip_model import create_long_clip  # noqa: E402
-from hic.train_clip import TrainSettings, train  # noqa: E402
+from hic.train_clip import TrainSettings, pair_shards, train  # noqa: E402
 
 
 def write_data(folder: Path, n_images: int, n_shards: int) -> tuple[list[Path], Path, dict]:
-    """(tars, reference parquet, key -> original size) of ``n_images`` demo scenes."""
+    """(tars, reference parquet, key -> original size) of ``n_images`` demo scenes, with the
+    download stage's status table beside each tar."""
     rng = np.random.default_rng(0)
     tars = [folder / f"{s:05d}.tar" for s in range(n_shards)]
     reference, sizes = [], {}
@@ -85,6 +86,16 @@ def write_data(folder: Path, n_images: int, n_shards: int) -> tuple[list[Path], 
         sizes[key] = (192, 144)
     for handle in handles:
         handle.close()
+    for s, tar in enumerate(tars):
+        mine = reference[s::n_shards]
+        status = {
+            "key": [r["key"] for r in mine],
+            "status": ["success"] * len(mine),
+            "caption": [r["long_caption"] for r in mine],
+            "original_width": [192] * len(mine),
+            "original_height": [144] * len(mine),
+        }
+        pq.write_table(pa.table(status), tar.with_suffix(".parquet"))
     ref = folder / "reference.parquet"
     pq.write_table(pa.Table.from_pylist(reference, schema=demo_world.REFERENCE_SCHEMA), ref)
     return tars, ref, sizes
@@ -163,12 +174,10 @@ def run_open_clip(tars: list[Path], n_images: int, settings: TrainSettings, work
     return Run(seconds, len(batch_times), sum(scalars.values["train/data_time"]), sum(batch_times))
 
 
-def run_project(
-    tars: list[Path], ref: Path, sizes: dict, settings: TrainSettings, out: Path
-) -> Run:
+def run_project(tars: list[Path], ref: Path, settings: TrainSettings, out: Path, workers) -> Run:
     """hic.train_clip.train; its per-step data wait from metrics.jsonl."""
     started = time.perf_counter()
-    summary = train(tars, [ref], sizes, out, settings)
+    summary = train(pair_shards(tars, [ref], aligned=False), out, settings, workers=workers)
     seconds = time.perf_counter() - started
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     step_s = [settings.batch_size / m["samples_per_s"] for m in steps]
@@ -182,7 +191,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--workers", type=int, default=1, help="open_clip DataLoader workers")
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers, each side")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each side")
     args = parser.parse_args()
     # open_clip's reader as its source suggests; the default one fails on webdataset >= 0.2.96.
@@ -198,10 +207,11 @@ def main() -> None:
     runs: dict[str, list[Run]] = {"open_clip": [], "project": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        tars, ref, sizes = write_data(tmp, args.images, args.shards)
+        tars, ref, _ = write_data(tmp, args.images, args.shards)
         for r in range(args.repeats):
             runs["open_clip"].append(run_open_clip(tars, args.images, settings, args.workers))
-            runs["project"].append(run_project(tars, ref, sizes, settings, tmp / f"run{r}"))
+            project = run_project(tars, ref, settings, tmp / f"run{r}", args.workers)
+            runs["project"].append(project)
             for name in runs:
                 print(f"{name:9s} run {r}: {runs[name][-1].line(args.batch_size)}", flush=True)
     # Best of the repeats: on a shared machine other work only ever slows a run down.

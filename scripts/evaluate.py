@@ -7,8 +7,10 @@ from hic.benchmarks import load_benchmark, load_imagefolder
 from hic.evaluate_clip import evaluate_classification, evaluate_retrieval, load_run
 from hic.provenance import from_job
 from hic.runlog import to_log
+from hic.threads import use_threads
 
 log = to_log(snakemake.log[0])
+use_threads(snakemake.threads)
 spec, name = dict(snakemake.params.spec), snakemake.wildcards.benchmark
 device = "cuda" if torch.cuda.is_available() else "cpu"  # the rule asks for a GPU
 model, transform, tokenizer, settings = load_run(Path(snakemake.input.model), device)

@@ -1,35 +1,47 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
+import torch
 
 from hic.provenance import from_job
 from hic.runlog import to_log
 from hic.speed import speed
-from hic.train_clip import TrainSettings, input_identity, train
+from hic.train_clip import TrainSettings, input_identity, pair_shards, train, write_job
 
 log = to_log(snakemake.log[0])
 inp, out = snakemake.input, snakemake.output
-sizes = {
-    r["key"]: (r["original_width"], r["original_height"])
-    for path in inp.status
-    for r in pq.read_table(
-        path, columns=["key", "status", "original_width", "original_height"]
-    ).to_pylist()
-    if r["status"] == "success"
-}
+tars = [Path(p) for p in inp.tars]
+# The pipeline's own release has one file per image shard, named alike: a shard reads its own.
+own_release = [t.parent.parent / "dataset" / f"{t.stem}.parquet" for t in tars]
+shards = pair_shards(
+    tars, inp.annotations, aligned=[Path(a) for a in inp.annotations] == own_release
+)
+# Speed settings (checkpoint_every) are read from the config, not params (hic.speed).
+settings = TrainSettings(**snakemake.params.settings, **speed(snakemake.config, "clip/defaults"))
 # Checkpoints and metrics live beside the outputs, so a killed job resumes from them.
 work = Path(out.model).parent / "train"
-summary = train(
-    [Path(p) for p in inp.tars],
-    [Path(p) for p in inp.annotations],
-    sizes,
-    work,
-    TrainSettings(**snakemake.params.settings, **speed(snakemake.config, "clip/defaults")),
-    data_id=input_identity([*inp.tars, *inp.status, *inp.annotations], snakemake.params.code),
-)
+work.mkdir(parents=True, exist_ok=True)
+ranks = max(1, int(snakemake.resources.get("gpu", 0) or 0))  # one process per GPU
+# Each rank's share of the job's cores: one trains (one torch thread: more threads than free
+# cores only spin), the others decode in DataLoader workers.
+job = {
+    "data_id": input_identity([*inp.tars, *inp.status, *inp.annotations], snakemake.params.code),
+    "workers": max(1, snakemake.threads // ranks) - 1,
+}
+if ranks > 1:  # as open_clip_train runs: torchrun, DDP
+    write_job(work / "job.json", shards, work, settings, **job)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += [f"--nproc_per_node={ranks}", "-m", "hic.train_clip", str(work / "job.json")]
+    subprocess.run(command, env=env, check=True)
+    summary = json.loads((work / "summary.json").read_text())
+else:
+    torch.set_num_threads(1)
+    summary = train(shards, work, settings, **job)
 shutil.copy(work / "metrics.jsonl", out.metrics)
 shutil.copy(work / "params.txt", out.params)
 os.replace(work / "model.pt", out.model)

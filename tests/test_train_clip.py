@@ -2,7 +2,12 @@ import io
 import json
 import os
 import random
+import subprocess
+import sys
 import tarfile
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,13 +17,24 @@ from PIL import Image
 
 from hic.demo_world import REFERENCE_SCHEMA
 from hic.train_clip import (
+    Shard,
     TrainSettings,
+    _NotPlainTar,
+    _tar_members,
     caption_for,
+    count_samples,
     crop_to,
+    epoch_order,
     input_identity,
+    load_image,
+    pair_shards,
     param_groups,
+    tar_images,
     train,
+    write_job,
 )
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 COLOURS = ["red", "green", "blue", "yellow"]
 
@@ -32,7 +48,9 @@ def data(tmp_path_factory):
         for i in range(12):
             key, colour = f"{i:016x}", COLOURS[i % 4]
             buf = io.BytesIO()
-            Image.new("RGB", (48, 32), colour).save(buf, "JPEG")
+            image = Image.new("RGB", (48, 32), colour)
+            image.paste("black", (4 * i % 40, 0, 4 * i % 40 + 8, 16))  # crops must differ
+            image.save(buf, "JPEG")
             for ext, payload in [("jpg", buf.getvalue()), ("txt", f"img {i}".encode())]:
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(payload)
@@ -59,8 +77,23 @@ def data(tmp_path_factory):
                 }
             )
     pq.write_table(pa.Table.from_pylist(rows, schema=REFERENCE_SCHEMA), root / "ref.parquet")
-    sizes = {r["key"]: (96, 64) for r in rows}
-    return [root / "00000.tar"], [root / "ref.parquet"], sizes
+    write_status(root / "00000.parquet", [r["key"] for r in rows])
+    return pair_shards([root / "00000.tar"], [root / "ref.parquet"], aligned=False)
+
+
+def write_status(path, keys, status="success"):
+    """The download stage's status table of ``keys``: alt text and original size."""
+    rows = [
+        {
+            "key": k,
+            "status": status,
+            "caption": f"img {int(k, 16)}",
+            "original_width": 96,
+            "original_height": 64,
+        }
+        for k in keys
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), path)
 
 
 SETTINGS = TrainSettings(
@@ -79,8 +112,7 @@ def metrics(folder):
 
 
 def test_resumed_training_matches_an_uninterrupted_run(data, tmp_path):
-    tars, annotations, sizes = data
-    whole = train(tars, annotations, sizes, tmp_path / "whole", SETTINGS)
+    whole = train(data, tmp_path / "whole", SETTINGS)
     assert whole == {
         "steps": 6,
         "total_steps": 6,
@@ -89,9 +121,9 @@ def test_resumed_training_matches_an_uninterrupted_run(data, tmp_path):
         "left_out": {},
     }
 
-    part = train(tars, annotations, sizes, tmp_path / "resumed", SETTINGS, max_steps=3)
+    part = train(data, tmp_path / "resumed", SETTINGS, max_steps=3)
     assert part["steps"] == 3 and not (tmp_path / "resumed/model.pt").exists()
-    train(tars, annotations, sizes, tmp_path / "resumed", SETTINGS)  # resumes at step 3
+    train(data, tmp_path / "resumed", SETTINGS, workers=2)  # resumes at step 3, in 2 workers
 
     a = torch.load(tmp_path / "whole/model.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "resumed/model.pt", weights_only=False)["model"]
@@ -103,16 +135,16 @@ def test_resumed_training_matches_an_uninterrupted_run(data, tmp_path):
 
 
 def test_a_checkpoint_of_other_data_is_not_resumed(data, tmp_path):
-    tars, annotations, sizes = data
-    fresh = train(tars, annotations, sizes, tmp_path / "fresh", SETTINGS, data_id="new")
+    fresh = train(data, tmp_path / "fresh", SETTINGS, data_id="new")
     # A killed job trained on other captions; then its annotations were rebuilt.
-    old = pq.read_table(annotations[0]).to_pylist()
+    old = pq.read_table(data[0].annotations[0]).to_pylist()
     for row in old:
         row["long_caption"] = row["short_caption"] = "An old caption of a picture."
     old_file = tmp_path / "old.parquet"
     pq.write_table(pa.Table.from_pylist(old, schema=REFERENCE_SCHEMA), old_file)
-    train(tars, [old_file], sizes, tmp_path / "stale", SETTINGS, data_id="old", max_steps=3)
-    again = train(tars, annotations, sizes, tmp_path / "stale", SETTINGS, data_id="new")
+    old_data = [replace(data[0], annotations=(old_file,))]
+    train(old_data, tmp_path / "stale", SETTINGS, data_id="old", max_steps=3)
+    again = train(data, tmp_path / "stale", SETTINGS, data_id="new")
     assert again == fresh
     a = torch.load(tmp_path / "fresh/model.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "stale/model.pt", weights_only=False)["model"]
@@ -131,15 +163,15 @@ def test_input_identity_changes_when_an_input_is_rewritten(tmp_path):
 
 
 def test_too_little_data_is_explained(data, tmp_path):
-    tars, annotations, sizes = data
     big = TrainSettings(**{**SETTINGS.__dict__, "batch_size": 64})
     with pytest.raises(ValueError, match="no full batch of 64"):
-        train(tars, annotations, sizes, tmp_path, big)
+        train(data, tmp_path, big)
     # Images with no annotation are counted as left out, and the error says so.
-    two = pq.read_table(annotations[0]).slice(0, 2)
+    two = pq.read_table(data[0].annotations[0]).slice(0, 2)
     pq.write_table(two, tmp_path / "two.parquet")
+    shards = [replace(data[0], annotations=(tmp_path / "two.parquet",))]
     with pytest.raises(ValueError, match=r"2 samples; left out: \{'no annotation': 10\}"):
-        train(tars, [tmp_path / "two.parquet"], sizes, tmp_path / "two", SETTINGS)
+        train(shards, tmp_path / "two", SETTINGS)
 
 
 RECORD = {
@@ -185,3 +217,126 @@ def test_no_weight_decay_on_gains_biases_and_temperature():
 def test_crop_to_maps_original_pixels_to_the_stored_image():
     stored = Image.new("RGB", (100, 50))  # original 200x100
     assert crop_to(stored, [50, 20, 100, 50], (200, 100)).size == (60, 30)
+
+
+def test_two_ranks_under_torchrun_train_as_one_process(data, tmp_path):
+    """torchrun, 2 CPU processes (gloo): each rank takes half of every batch; the loss is the
+    global batch's, so the loss curve and weights are those of one process."""
+    settings = TrainSettings(**{**SETTINGS.__dict__, "epochs": 1})
+    one = train(data, tmp_path / "one", settings)
+    write_job(tmp_path / "job.json", data, tmp_path / "two", settings, workers=1)
+    env = {**os.environ, "PYTHONPATH": str(SCRIPTS), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node=2", "-m", "hic.train_clip", str(tmp_path / "job.json")]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "rank 0 of 2" in run.stderr and "rank 1 of 2" in run.stderr
+    assert json.loads((tmp_path / "two/summary.json").read_text()) == one
+    curve = [m["loss"] for m in metrics(tmp_path / "one")]
+    assert [m["loss"] for m in metrics(tmp_path / "two")] == pytest.approx(curve, abs=1e-4)
+    a = torch.load(tmp_path / "one/model.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "two/model.pt", weights_only=False)["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_tar_images_reads_headers_only_and_matches_tarfile(tmp_path):
+    """Plain ustar headers are parsed directly; a pax header (a name over 100 bytes) sends
+    the tar to ``tarfile``; both give each sample's image in tar order, jpg before png."""
+    long_key = "d" * 120
+    for name, keys in (("plain.tar", ["b", "a", "c"]), ("pax.tar", ["b", long_key])):
+        with tarfile.open(tmp_path / name, "w", format=tarfile.PAX_FORMAT) as tar:
+            for key in keys:
+                for ext, payload in (("txt", b"alt"), ("png", b"PNG!"), ("jpg", key.encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+            info = tarfile.TarInfo("c.json")  # a sample with no image
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"{}"))
+        images = tar_images(tmp_path / name)
+        plain = next(_tar_members(tmp_path / "plain.tar"), None)
+        assert plain is not None  # parsed directly
+        if name == "pax.tar":
+            with pytest.raises(_NotPlainTar):
+                list(_tar_members(tmp_path / name))
+        assert [key for key, _, _ in images] == keys
+        with open(tmp_path / name, "rb") as f:
+            for key, offset, size in images:
+                f.seek(offset)
+                assert f.read(size) == key.encode()  # the jpg, not the png
+
+
+def test_a_downloaded_image_missing_from_its_tar_is_an_error(data, tmp_path):
+    keys = pq.read_table(data[0].status).column("key").to_pylist()
+    write_status(tmp_path / "00000.parquet", [*keys, "ffffffffffffffff"])
+    annotations = pq.read_table(data[0].annotations[0]).to_pylist()
+    annotations.append({**annotations[0], "key": "ffffffffffffffff"})
+    pq.write_table(
+        pa.Table.from_pylist(annotations, schema=REFERENCE_SCHEMA), tmp_path / "ref.parquet"
+    )
+    shard = Shard(data[0].tar, tmp_path / "00000.parquet", (tmp_path / "ref.parquet",))
+    assert count_samples([shard], SETTINGS)[0] == [13]  # counted from the tables
+    with pytest.raises(ValueError, match=r"00000.tar lacks the images of 1 samples"):
+        list(epoch_order([shard], SETTINGS, 0))
+
+
+def test_counts_and_order_come_from_the_tables_and_headers(data, tmp_path):
+    """Only status ``success`` rows count; an aligned shard reads its own annotation file;
+    the order is a function of (seed, epoch)."""
+    keys = pq.read_table(data[0].status).column("key").to_pylist()
+    write_status(tmp_path / "00000.parquet", keys[:9])
+    failed = pq.read_table(tmp_path / "00000.parquet").to_pylist()
+    failed += [{**failed[0], "key": k, "status": "failed_to_download"} for k in keys[9:]]
+    pq.write_table(pa.Table.from_pylist(failed), tmp_path / "00000.parquet")
+    (shard,) = pair_shards([tmp_path / "00000.tar"], data[0].annotations, aligned=True)
+    assert shard.annotations == data[0].annotations
+    shard = replace(shard, tar=data[0].tar)
+    assert count_samples([shard], SETTINGS) == ([9], Counter())
+    alt = TrainSettings(**{**SETTINGS.__dict__, "policy": "alt"})
+    blank = pq.read_table(shard.status).to_pylist()
+    blank[0]["caption"] = ""
+    pq.write_table(pa.Table.from_pylist(blank), shard.status)
+    assert count_samples([shard], alt) == ([8], Counter({"no caption for policy alt": 1}))
+
+    def order(epoch):
+        return [rows["key"][row].as_py() for rows, row, *_ in epoch_order(data, SETTINGS, epoch, 4)]
+
+    assert order(0) == order(0) != order(1)
+    assert sorted(order(0)) == keys
+    with pytest.raises(ValueError, match="cannot align"):
+        pair_shards([tmp_path / "00000.tar"], [], aligned=True)
+
+
+def test_reduced_jpeg_decoding_keeps_the_crop_above_the_input_size():
+    buf = io.BytesIO()
+    Image.new("RGB", (768, 576), "red").save(buf, "JPEG")
+    jpeg = buf.getvalue()
+    assert load_image(jpeg, None, None).size == (768, 576)
+    assert load_image(jpeg, None, None, min_side=280).size == (384, 288)
+    assert load_image(jpeg, None, None, min_side=64).size == (96, 72)
+    # A region 200 px wide in a 1536-px original (100 stored px): decoded whole.
+    region = load_image(jpeg, [0, 0, 200, 200], (1536, 1152), min_side=64)
+    assert region.size == crop_to(Image.new("RGB", (768, 576)), [0, 0, 200, 200], (1536, 1152)).size
+    buf = io.BytesIO()
+    Image.new("RGB", (768, 576), "red").save(buf, "PNG")  # no draft mode for PNG
+    assert load_image(buf.getvalue(), None, None, min_side=64).size == (768, 576)
+
+
+def test_the_count_pass_reads_the_release_word_counts_not_its_text(data, tmp_path):
+    keys = pq.read_table(data[0].status).column("key").to_pylist()
+    words = pa.table(
+        {
+            "key": keys,
+            "short_words": [0] * 4 + [5] * 8,
+            "long_words": [0] * 6 + [40] * 6,
+            "region_words": [[]] * 10 + [[0, 3]] * 2,
+        }
+    )  # no caption column at all: counting must not need one
+    pq.write_table(words, tmp_path / "release.parquet")
+    shard = replace(data[0], annotations=(tmp_path / "release.parquet",))
+    only = {"short": 1, "long": 1, "region": 0}
+    counts = {
+        policy: count_samples([shard], TrainSettings(policy=policy, mix=only))[0]
+        for policy in ("short", "long", "regions", "hierarchical")
+    }
+    assert counts == {"short": [8], "long": [6], "regions": [2], "hierarchical": [8]}
