@@ -9,7 +9,8 @@ and Snakemake's "code" trigger was on). Then, for each side, it asks ``snakemake
 what would run after each scenario, restoring every file's content and modification time in
 between:
 
-- ``comment``: a comment line and a docstring added to every Python file under scripts/;
+- ``comment``: comments added to, and module docstrings lengthened in, every Python file
+  under scripts/;
 - ``touch``: every workflow file's modification time moved forward (a fresh checkout, a pull);
 - ``speed``: batch sizes and the vLLM engine's memory share changed (settings both sides'
   schemas know);
@@ -91,7 +92,10 @@ def scenario(wf: Path, name: str) -> dict[str, int]:
     try:
         if name == "comment":
             for p in sorted((wf / "scripts").rglob("*.py")):
-                p.write_text('"""Edited."""\n' + p.read_text() + "\n# a comment\n")
+                text = p.read_text()
+                if text.startswith('"""'):  # a longer module docstring
+                    text = '"""Edited. ' + text[3:]
+                p.write_text("# edited\n" + text.replace("\n\n\ndef ", "\n\n\n# why\ndef "))
         elif name == "touch":
             later = time.time() + 10
             for p in saved:
