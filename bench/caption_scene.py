@@ -30,7 +30,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 from hic import demo_world  # noqa: E402
 from hic.caption_scene import CaptionSettings, caption_shard  # noqa: E402
 from hic.download import STATUS_SCHEMA  # noqa: E402
-from hic.models import ModelRef, build_tiny_vlm  # noqa: E402
+from hic.models import ModelRef  # noqa: E402
+from hic.tiny_models import build_tiny_vlm  # noqa: E402
 from hic.vlm import make_backend  # noqa: E402
 
 PROMPTS = {kind: (REPO / f"prompts/scene_{kind}.txt").read_text() for kind in ("short", "long")}

@@ -37,8 +37,8 @@ sys.path.insert(0, str(REPO / "bench"))
 from caption_scene import PROMPTS, demo_shard  # noqa: E402
 
 from hic.caption_scene import CaptionSettings, caption_shard  # noqa: E402
-from hic.models import (  # noqa: E402
-    ModelRef,
+from hic.models import ModelRef  # noqa: E402
+from hic.tiny_models import (  # noqa: E402
     scene_sentences,
     tiny_qwen2_5_vl_config,
     tiny_qwen2_5_vl_processor,

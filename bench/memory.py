@@ -98,8 +98,8 @@ def write_urls(folder: Path, n: int, scenes: int = 500) -> Path:
 def model_dirs(folder: Path) -> dict[str, str]:
     """The tiny random models, built here (seconds each): a workflow run rebuilding
     resources/models while this runs cannot pull them from under a stage."""
-    from hic.models import TINY_BUILDERS
     from hic.segment import build_tiny_sam
+    from hic.tiny_models import TINY_BUILDERS
 
     builders = {**TINY_BUILDERS, "sam": build_tiny_sam}
     for arch in MODELS:

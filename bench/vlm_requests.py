@@ -121,7 +121,7 @@ def run_stage(scripts: Path, tmp: Path, name: str, shard, model: Path, settings:
 
 def bench_vllm(args) -> None:
     sys.path.insert(0, str(REPO / "scripts"))
-    from hic.models import build_tiny_vlm
+    from hic.tiny_models import build_tiny_vlm
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -164,7 +164,8 @@ def bench_sort(args) -> None:
     from caption_scene import PROMPTS
 
     from hic import demo_world
-    from hic.models import ModelRef, build_tiny_vlm, generate_texts
+    from hic.models import ModelRef, generate_texts
+    from hic.tiny_models import build_tiny_vlm
     from hic.vlm import make_backend
 
     scene = yaml.safe_load((REPO / "config.yaml").read_text())["caption_scene"]

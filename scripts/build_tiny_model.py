@@ -1,8 +1,8 @@
 from pathlib import Path
 
-from hic.models import TINY_BUILDERS
 from hic.runlog import to_log
 from hic.segment import build_tiny_sam
+from hic.tiny_models import TINY_BUILDERS
 
 log = to_log(snakemake.log[0])
 arch = snakemake.wildcards.arch

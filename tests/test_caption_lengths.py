@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from hic.caption_regions import RegionCaptionSettings
-from hic.caption_scene import CaptionSettings, parse_caption
+from hic.caption_scene import CaptionSettings
+from hic.text import parse_caption
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = yaml.safe_load((REPO / "schemas/config.schema.yaml").read_text())["properties"]

@@ -21,12 +21,11 @@ from hic.caption_scene import (
     STATUSES,
     CaptionSettings,
     caption_shard,
-    clean_caption,
-    parse_caption,
     prompt_hash,
 )
 from hic.decoding import Generation
 from hic.download import STATUS_SCHEMA
+from hic.text import clean_caption, parse_caption
 
 PROMPTS = {"short": "Say it short.", "long": "Say it long."}
 MODEL = {"id": "scripted", "revision": "r1"}

@@ -13,7 +13,7 @@ from transformers import (
 )
 
 from conftest import REPO, file_digests
-from hic import models
+from hic import models, tiny_models
 from hic.decoding import Decoding
 from hic.models import ModelRef, ModelUnavailableError
 
@@ -27,7 +27,7 @@ def scene(width: int, height: int, shade: int) -> Image.Image:
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "tiny-qwen2_5_vl"
-    models.build_tiny_vlm(out, seed=0)
+    tiny_models.build_tiny_vlm(out, seed=0)
     return out
 
 
@@ -75,10 +75,12 @@ def test_chat_template_renders_qwen2_5_vl_format(loaded):
 def test_special_token_ids_agree_with_model_config(loaded):
     model, processor = loaded
     tokenizer, config = processor.tokenizer, model.config
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in models.QWEN_SPECIAL_TOKENS}
+    ids = {
+        token: tokenizer.convert_tokens_to_ids(token) for token in tiny_models.QWEN_SPECIAL_TOKENS
+    }
     # Contiguous after the learned vocabulary, in the real tokenizer's order.
     assert list(ids.values()) == list(range(ids["<|endoftext|>"], ids["<|endoftext|>"] + 14))
-    more = [tokenizer.convert_tokens_to_ids(t) for t in models.QWEN_ADDED_TOKENS]
+    more = [tokenizer.convert_tokens_to_ids(t) for t in tiny_models.QWEN_ADDED_TOKENS]
     assert more == list(range(ids["<|video_pad|>"] + 1, ids["<|video_pad|>"] + 9))
     # Not special, as in the real tokenizer: decoding keeps a tool call.
     call = tokenizer("<tool_call>x</tool_call>")["input_ids"]
@@ -164,23 +166,23 @@ def test_pixel_limits_bound_the_image_tokens(tiny_dir):
         inputs = processor(text=["<|image_pad|>"], images=[scene(400, 300, 0)], return_tensors="pt")
     assert inputs["image_grid_thw"].prod().item() // 4 <= 4
     _, default = models.load_vlm(ModelRef(str(tiny_dir)), device="cpu")
-    assert default.image_processor.size.longest_edge == models.TINY_MAX_PIXELS
-    assert default.image_processor.size.shortest_edge == models.TINY_MIN_PIXELS
+    assert default.image_processor.size.longest_edge == tiny_models.TINY_MAX_PIXELS
+    assert default.image_processor.size.shortest_edge == tiny_models.TINY_MIN_PIXELS
 
 
 def test_build_is_reproducible_per_seed(tiny_dir, tmp_path):
     rng_state = torch.random.get_rng_state()
-    models.build_tiny_vlm(tmp_path / "same", seed=0)
+    tiny_models.build_tiny_vlm(tmp_path / "same", seed=0)
     assert torch.equal(torch.random.get_rng_state(), rng_state)
     assert file_digests(tmp_path / "same") == file_digests(tiny_dir)
-    models.build_tiny_vlm(tmp_path / "other", seed=1)
+    tiny_models.build_tiny_vlm(tmp_path / "other", seed=1)
     same, other = file_digests(tiny_dir), file_digests(tmp_path / "other")
     assert same["model.safetensors"] != other["model.safetensors"]
     assert same["tokenizer.json"] == other["tokenizer.json"]
 
 
 def test_tokenizer_corpus_can_be_given():
-    tokenizer = models.train_qwen_tokenizer(["zebra crossing"] * 50, vocab_size=300)
+    tokenizer = tiny_models.train_qwen_tokenizer(["zebra crossing"] * 50, vocab_size=300)
     assert len(tokenizer(" crossing")["input_ids"]) == 1
     assert tokenizer.convert_ids_to_tokens(len(tokenizer) - 1) == "<|file_sep|>"
 
@@ -198,14 +200,14 @@ def test_missing_model_names_it_and_the_fix(model_id):
 @pytest.fixture(scope="module")
 def owlv2_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "tiny-owlv2"
-    models.build_tiny_owlv2(out, seed=0)
+    tiny_models.build_tiny_owlv2(out, seed=0)
     return out
 
 
 def test_clip_tokenizer_matches_open_clip():
     from open_clip.tokenizer import SimpleTokenizer  # slow import, only here
 
-    ours, theirs = models.clip_tokenizer(), SimpleTokenizer()
+    ours, theirs = tiny_models.clip_tokenizer(), SimpleTokenizer()
     texts = ["a photo of a cat", "Two RED double-decker buses, parked! wow !", "zebra crossing 42"]
     for text in texts:
         ids, expected = ours(text)["input_ids"], theirs(text, context_length=16)[0].tolist()
@@ -231,7 +233,7 @@ def test_tiny_owlv2_detects_and_post_processes(owlv2_dir, tmp_path):
     # One box per 16x16 patch of the 64x64 input, each labelled with one of the two queries.
     assert result["boxes"].shape == (16, 4)
     assert set(result["text_labels"]) <= {"a red car", "a dog"}
-    models.build_tiny_owlv2(tmp_path / "again", seed=0)
+    tiny_models.build_tiny_owlv2(tmp_path / "again", seed=0)
     assert file_digests(tmp_path / "again") == file_digests(owlv2_dir)
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from hic.caption_scene import SCENE_SCHEMA
 from hic.download import STATUS_SCHEMA
-from hic.models import ModelRef, build_tiny_owlv2
+from hic.models import ModelRef
 from hic.propose_regions import (
     Detector,
     ProposeSettings,
@@ -20,6 +20,7 @@ from hic.propose_regions import (
 )
 from hic.region_tables import PROPOSAL_SCHEMA
 from hic.segment import build_tiny_sam, load_sam
+from hic.tiny_models import build_tiny_owlv2
 
 VOCAB = {"things": ["dog", "teddy bear", "bus", "box", "glass"], "stuff": ["sky", "night sky"]}
 TINY = ProposeSettings(

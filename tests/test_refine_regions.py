@@ -21,6 +21,7 @@ from hic.refine_regions import (
     split_label,
 )
 from hic.region_tables import CAPTIONED_SCHEMA, REFINED_SCHEMA
+from hic.text import normalise_label
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "prompts" / "region_refine.txt"
 
@@ -498,3 +499,11 @@ def test_refinement_parts_of_another_template_are_discarded(tmp_path):
     backend = Counting()
     refine_(out=tmp_path / "refined.parquet", backend=backend, template="{label}: {caption}!")
     assert backend.asked == ["r0", "r1", "r3", "r4", "r6", "r7", "r9"]
+
+
+def test_the_answers_label_is_compared_as_selection_compares_labels():
+    """One normalise_label for every stage: case-folded, so "STRASSE" is the label "Straße"."""
+    raw = "Straße. A wide Straße with trees on both sides within the red bounding box."
+    answer = json.dumps({"label": "STRASSE", "caption": "A wide Straße with trees on both sides."})
+    refined, reason = parse_refined(answer, "Straße", raw)
+    assert reason is None and refined["label"] == normalise_label("Straße") == "strasse"

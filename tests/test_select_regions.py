@@ -5,11 +5,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from hic.boxes import clip_box, iou
 from hic.region_tables import PROPOSAL_SCHEMA, SELECTED_SCHEMA
 from hic.select_regions import (
     SelectSettings,
-    clip_box,
-    iou,
     match_regions,
     nms,
     recall_precision,

@@ -11,12 +11,8 @@ import torch
 from PIL import Image
 
 from hic.decoding import Decoding, Generation
-from hic.models import (
-    ModelRef,
-    ModelUnavailableError,
-    build_tiny_vlm,
-    hf_generation_config,
-)
+from hic.models import ModelRef, ModelUnavailableError, hf_generation_config
+from hic.tiny_models import build_tiny_vlm
 from hic.vlm import BackendUnavailable, VllmBackend, fit_pixels, make_backend
 
 

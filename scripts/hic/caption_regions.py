@@ -14,12 +14,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from hic.caption_scene import parse_caption
 from hic.parts import file_identity, fingerprint, settings_identity
 from hic.refine_regions import split_label
 from hic.region_images import fill, map_region_views
 from hic.region_tables import CAPTIONED_SCHEMA
-from hic.text import output_problem
+from hic.text import output_problem, parse_caption
 
 
 @dataclass(frozen=True)

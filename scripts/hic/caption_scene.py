@@ -22,14 +22,11 @@ reason; a fault that fails every image (a broken GPU) stops the job.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
-import re
-import tarfile
 import time
-from collections.abc import Container, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -39,8 +36,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from hic.decoding import Decoding, Generation
+from hic.images import read_images
 from hic.parts import PartStore, file_identity, fingerprint, model_identity, resumable_map
-from hic.text import output_problem, text_problem
+from hic.text import output_problem, parse_caption
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +46,6 @@ KINDS = ("short", "long")
 STATUSES = ("ok", "unparsed", "truncated", "repetitive", "failed")
 #: Images failing alone one after another before the fault is taken to be the backend's.
 MAX_FAILURE_STREAK = 16
-IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp"}
 
 #: Columns of ``results/scene/{shard}.parquet``: one row per URL of the download shard.
 SCENE_SCHEMA = pa.schema(
@@ -116,74 +113,6 @@ class Backend(Protocol):
 def prompt_hash(prompts: dict[str, str]) -> str:
     text = "\0".join(f"{k}\0{prompts[k]}" for k in KINDS)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-# Prefaces chatty models put before the caption, and markdown they wrap it in. "Here is/'s"
-# counts only with a short run-up to a colon: "Here's a cosy room..." is the caption itself.
-_PREFACE = re.compile(
-    r"^(?:(?:sure|certainly|of course)\s*[!.,]\s*|(?:here is|here's)[^\n:]{0,60}:\s*"
-    r"|(?:short |long |dense )?(?:caption|description)\s*:\s*)",
-    re.IGNORECASE,
-)
-# Markdown markup only, never characters inside words ("jersey #23", "NO_PARKING", "5*3"):
-# heading and list markers at a line's start, and emphasis or code marks that open before a
-# word or close after one, on a word's outer edge.
-_MARKDOWN = re.compile(
-    r"^[ \t]*(?:#{1,6}[ \t]+|[*+-][ \t]+|>[ \t]*)"
-    r"|(?<![\w*_`])[*_`]+(?=[^\s*_`])"
-    r"|(?<=[^\s*_`])[*_`]+(?![\w*_`])",
-    re.MULTILINE,
-)
-
-
-def clean_caption(text: str) -> str:
-    text = _MARKDOWN.sub("", text).strip()
-    for _ in range(2):  # "Sure! Caption: ..." carries two prefaces
-        text = _PREFACE.sub("", text, count=1).strip()
-    text = text.strip("\"'“”‘’ ").strip()
-    return re.sub(r"\s+", " ", text)
-
-
-def parse_caption(text: str, kind: str, words: Sequence[int]) -> tuple[str | None, str | None]:
-    """(caption, None) when ``text`` reads as a caption of this kind, else (None, reason)."""
-    caption = clean_caption(text)
-    if not caption:
-        return None, f"{kind}: empty output"
-    if problem := text_problem(caption):
-        return None, f"{kind}: {problem}"
-    n = len(caption.split())
-    low, high = words
-    if kind == "short" and n > high:
-        # A sound fallback: a short caption that ran on keeps its first sentence.
-        first = re.split(r"(?<=[.!?])\s", caption, maxsplit=1)[0]
-        if low <= len(first.split()) <= high:
-            return first, None
-    if not low <= n <= high:
-        return None, f"{kind}: {n} words, expected {low}-{high}"
-    return caption, None
-
-
-def read_images(
-    tar: Path, skip: Container[str] = frozenset(), only: Container[str] | None = None
-) -> Iterator[tuple[str, Image.Image | None, str | None]]:
-    """(key, image, None) per image in a download tar, or (key, None, reason) if undecodable.
-
-    Images whose key is in ``skip``, or not in ``only`` when given, are not decoded."""
-    with tarfile.open(tar) as t:
-        for member in t:
-            key, _, ext = member.name.partition(".")
-            if ext.lower() not in IMAGE_EXTENSIONS or key in skip:
-                continue
-            if only is not None and key not in only:
-                continue
-            data = t.extractfile(member).read()
-            try:
-                image = Image.open(io.BytesIO(data))
-                image.load()
-            except (OSError, Image.DecompressionBombError) as err:
-                yield key, None, f"image does not decode: {err}"
-                continue
-            yield key, image.convert("RGB"), None
 
 
 def _row(key: str, provenance: dict, **values) -> dict:

@@ -34,7 +34,8 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from hic.caption_scene import read_images
+from hic.boxes import iou
+from hic.images import read_images
 from hic.parts import PartStore, file_identity, fingerprint, resumable_map, settings_identity
 from hic.region_tables import PROPOSAL_SCHEMA, image_sizes, write_rows
 
@@ -243,14 +244,6 @@ def to_original(bbox: list[float], scale_x: float, scale_y: float) -> list[float
     return [x * scale_x, y * scale_y, w * scale_x, h * scale_y]
 
 
-def box_iou(a: list[float], b: list[float]) -> float:
-    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    return inter / union if union > 0 else 0.0
-
-
 class Detector:
     """OWLv2 through transformers' zero-shot detection classes (real and tiny alike)."""
 
@@ -359,8 +352,8 @@ def image_proposals(
         else []
     )
     for bbox, area in auto:
-        best = max(backgrounds, key=lambda d: box_iou(d["bbox"], bbox))
-        if box_iou(best["bbox"], bbox) >= settings.background_iou:
+        best = max(backgrounds, key=lambda d: iou(d["bbox"], bbox))
+        if iou(best["bbox"], bbox) >= settings.background_iou:
             proposals.append(
                 {
                     "label": best["label"],

@@ -38,7 +38,7 @@ from pathlib import Path
 from hic.decoding import Generation
 from hic.parts import PartStore, file_identity, fingerprint, resumable_map
 from hic.region_tables import REFINED_SCHEMA, read_rows, write_rows
-from hic.text import output_problem, text_problem
+from hic.text import normalise_label, output_problem, text_problem
 
 #: The paper's phrases, most specific first so a match names the longest one.
 BOX_PHRASES: tuple[str, ...] = (
@@ -165,10 +165,6 @@ def remove_box_phrases(text: str) -> str:
     return " ".join(s for s in sentences if s)
 
 
-def _normalise_label(label: str) -> str:
-    return " ".join(label.split()).lower()
-
-
 def split_label(raw: str, label: str) -> tuple[str, str]:
     """(normalised label, description) when ``raw`` opens with the label and a separator.
 
@@ -176,7 +172,7 @@ def split_label(raw: str, label: str) -> tuple[str, str]:
     "dog - a brown dog"; a plural "Dogs." counts. Without such an opening the raw caption is
     returned whole, stripped: "Dog lying on grass" is a description, not a label.
     """
-    name = _normalise_label(label)
+    name = normalise_label(label)
     if name:
         words = r"\s+".join(re.escape(w) for w in name.split())
         opening = re.match(rf"\s*{words}(?:e?s)?\s*(?:[.:]|\s[-–—]|[–—])\s*", raw, re.I)
@@ -243,7 +239,7 @@ def _problem(refined: dict, label: str, raw: str) -> str | None:
         return f"caption still contains {phrase!r}"
     if problem := text_problem(caption):
         return f"caption is {problem}"
-    if _normalise_label(refined["label"]) != _normalise_label(label):
+    if normalise_label(refined["label"]) != normalise_label(label):
         return f"label {refined['label'].strip()!r} is not {label!r}"
     if split_label(caption, label)[1] != caption.strip():
         return "caption still opens with its label"
@@ -276,7 +272,7 @@ def parse_refined(output: str, label: str, raw: str) -> tuple[dict | None, str |
         return None, f"not valid JSON ({err.msg})"
     if problem := _problem(parsed, label, raw):
         return None, problem
-    return {"label": _normalise_label(label), "caption": parsed["caption"].strip()}, None
+    return {"label": normalise_label(label), "caption": parsed["caption"].strip()}, None
 
 
 def refine(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
-from hic.caption_scene import read_images
+from hic.images import read_images
 from hic.parts import Mapped, PartStore, resumable_map
 from hic.region_tables import check_complete, image_sizes, read_rows, write_rows
 

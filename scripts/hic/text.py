@@ -1,8 +1,10 @@
-"""Text checks shared by the caption stages."""
+"""Text checks shared by the caption stages, and the cleaning and parsing of a generated caption."""
 
 from __future__ import annotations
 
+import re
 import unicodedata
+from collections.abc import Sequence
 
 
 def text_problem(text: str) -> str | None:
@@ -44,3 +46,53 @@ def output_problem(text: str, truncated: bool) -> tuple[str, str] | None:
     if (share := repetition(text)) > MAX_REPETITION:
         return "repetitive", f"repetitive ({share:.0%} of word 4-grams repeat)"
     return None
+
+
+# Prefaces chatty models put before the caption, and markdown they wrap it in. "Here is/'s"
+# counts only with a short run-up to a colon: "Here's a cosy room..." is the caption itself.
+_PREFACE = re.compile(
+    r"^(?:(?:sure|certainly|of course)\s*[!.,]\s*|(?:here is|here's)[^\n:]{0,60}:\s*"
+    r"|(?:short |long |dense )?(?:caption|description)\s*:\s*)",
+    re.IGNORECASE,
+)
+# Markdown markup only, never characters inside words ("jersey #23", "NO_PARKING", "5*3"):
+# heading and list markers at a line's start, and emphasis or code marks that open before a
+# word or close after one, on a word's outer edge.
+_MARKDOWN = re.compile(
+    r"^[ \t]*(?:#{1,6}[ \t]+|[*+-][ \t]+|>[ \t]*)"
+    r"|(?<![\w*_`])[*_`]+(?=[^\s*_`])"
+    r"|(?<=[^\s*_`])[*_`]+(?![\w*_`])",
+    re.MULTILINE,
+)
+
+
+def clean_caption(text: str) -> str:
+    text = _MARKDOWN.sub("", text).strip()
+    for _ in range(2):  # "Sure! Caption: ..." carries two prefaces
+        text = _PREFACE.sub("", text, count=1).strip()
+    text = text.strip("\"'“”‘’ ").strip()
+    return re.sub(r"\s+", " ", text)
+
+
+def parse_caption(text: str, kind: str, words: Sequence[int]) -> tuple[str | None, str | None]:
+    """(caption, None) when ``text`` reads as a caption of this kind, else (None, reason)."""
+    caption = clean_caption(text)
+    if not caption:
+        return None, f"{kind}: empty output"
+    if problem := text_problem(caption):
+        return None, f"{kind}: {problem}"
+    n = len(caption.split())
+    low, high = words
+    if kind == "short" and n > high:
+        # A sound fallback: a short caption that ran on keeps its first sentence.
+        first = re.split(r"(?<=[.!?])\s", caption, maxsplit=1)[0]
+        if low <= len(first.split()) <= high:
+            return first, None
+    if not low <= n <= high:
+        return None, f"{kind}: {n} words, expected {low}-{high}"
+    return caption, None
+
+
+def normalise_label(label: str) -> str:
+    """A label as the stages compare labels: words joined by one space, case-folded."""
+    return " ".join(label.split()).casefold()
