@@ -1,24 +1,17 @@
 from pathlib import Path
 
-from hic.models import ModelRef
-from hic.parts import model_identity
 from hic.provenance import stamp_outputs
 from hic.runlog import to_log
 from hic.speed import speed
 from hic.threads import use_threads
 from hic.verify_labels import VerifySettings, verify_shard
-from hic.vlm import make_backend
+from hic.vlm import stage_backend
 
 log = to_log(snakemake.log[0])
 inp, params = snakemake.input, snakemake.params
 use_threads(snakemake.threads)
-# Speed settings are read from the config, not params (hic.speed).
-backend = make_backend(
-    params.backend,
-    ModelRef.from_config(params.model),
-    **params.vlm,
-    vllm=speed(snakemake.config, "caption_scene")["vllm"],
-)
+# Speed settings (engine arguments) are read from the config, not params.
+backend, identity = stage_backend(params, snakemake.config)
 summary = verify_shard(
     Path(inp.regions),
     Path(inp.tar),
@@ -30,7 +23,7 @@ summary = verify_shard(
     },
     VerifySettings(**params.settings, **speed(snakemake.config, "verify_labels")),
     backend,
-    {"model": model_identity(params.model), "backend": params.backend, "vlm": params.vlm},
+    identity,
     # How often progress is saved is not a param: changing it re-runs nothing.
     flush_every=snakemake.config["flush_every"],
 )

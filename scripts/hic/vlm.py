@@ -31,6 +31,7 @@ from hic.models import (
     load_vlm,
     unavailable_error,
 )
+from hic.parts import model_identity
 
 BACKENDS = ("transformers", "vllm")
 PATCH = 28  # Qwen2.5-VL: 14 px patches merged 2x2 into one visual token
@@ -222,3 +223,17 @@ def make_backend(
             )
         return VllmBackend(ref, engine=vllm, decoding=decoding, **options)
     return TransformersBackend(ref, decoding=decoding, **options)
+
+
+def stage_backend(params, config) -> tuple[TransformersBackend | VllmBackend, dict]:
+    """(backend, identity) for a region stage's Snakemake job: the model, backend and shared
+    image and decoding options of its params, vLLM's engine arguments from the config (speed
+    settings, never params), and what identifies the backend to the stage's flushed parts."""
+    backend = make_backend(
+        params.backend,
+        ModelRef.from_config(params.model),
+        **params.vlm,
+        vllm=config["caption_scene"]["vllm"],
+    )
+    identity = {"model": model_identity(params.model), "backend": params.backend}
+    return backend, {**identity, "vlm": params.vlm}
