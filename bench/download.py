@@ -44,7 +44,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 import img2dataset  # noqa: E402  (imported once here, so neither side's first run pays it)
 
 from hic.download import DownloadSettings, download_shard  # noqa: E402
-from hic.shard_urls import SHARD_SCHEMA, url_key  # noqa: E402
+from hic.shard_urls import SHARD_SCHEMA  # noqa: E402
+from hic.url_keys import url_key  # noqa: E402
 
 SIZES = [(320, 240), (640, 480), (1024, 768), (480, 640), (200, 150)]
 

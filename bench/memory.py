@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from hic import demo_world  # noqa: E402
 from hic.codebase import imports  # noqa: E402
-from hic.shard_urls import url_key  # noqa: E402
+from hic.url_keys import url_key  # noqa: E402
 
 STAGES = (
     "download",

@@ -202,6 +202,13 @@ def shard_source():
     }
 
 
+def list_inputs():
+    """The URL lists as url_source's inputs: a user's lists by content alone (params.source), so
+    never by modification time (ancient); the demo world's list is a workflow output, which
+    must reach url_source when demo_world re-writes it."""
+    return url_lists() if DEMO else ancient(url_lists())
+
+
 def code_version(script):
     """What scripts/<script>.py and the library modules it uses do (hic.codebase): a param, so a
     behavioural edit re-runs the stage and its downstream, while a comment, a docstring, a

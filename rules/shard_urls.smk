@@ -4,8 +4,7 @@
 # re-download in the same run (README, "Re-running").
 rule url_source:
     input:
-        # Named by content in params.source, so never compared by modification time.
-        lists=ancient(url_lists()),
+        lists=list_inputs(),
     output:
         source="results/urls/source.json",
     params:

@@ -4,7 +4,7 @@ from pathlib import Path
 from hic.demo_world import write_world
 from hic.provenance import stamp_outputs
 from hic.runlog import to_log
-from hic.shard_urls import url_key
+from hic.url_keys import url_key
 
 log = to_log(snakemake.log[0])
 world = snakemake.params.world

@@ -23,7 +23,8 @@ from hic.download import (
     status_table,
 )
 from hic.retry_downloads import RETRIES_KEY, retry_shard, transient
-from hic.shard_urls import shard_url_lists, url_key
+from hic.shard_urls import shard_url_lists
+from hic.url_keys import url_key
 
 TIMEOUT = 3  # seconds; /slow sleeps past it (generous: a busy CI machine is slow)
 

@@ -14,8 +14,8 @@ from hic.shard_urls import (
     shard_count,
     shard_of,
     shard_url_lists,
-    url_key,
 )
+from hic.url_keys import url_key
 
 
 def read_shards(out: Path, n: int) -> list[pa.Table]:

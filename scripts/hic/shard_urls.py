@@ -14,7 +14,6 @@ vary around ``shard_size`` by a few percent.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -66,15 +65,9 @@ class UrlListError(ValueError):
     """A URL list that cannot be read as configured."""
 
 
-# Leading and trailing ASCII whitespace is not part of a URL; Python and DuckDB strip the same
-# characters (str.strip() would also take Unicode spaces, DuckDB's trim() keeps tabs).
-_WHITESPACE = " \t\n\r\f\v"
+# Leading and trailing ASCII whitespace is not part of a URL; Python (hic.url_keys) and DuckDB
+# strip the same characters (DuckDB's trim() would keep tabs).
 _STRIP_SQL = r"regexp_replace(url, '^[ \t\n\r\f\v]+|[ \t\n\r\f\v]+$', '', 'g')"
-
-
-def url_key(url: str) -> str:
-    """Stable key of a URL (same digits DuckDB's ``md5`` gives in :func:`shard_url_lists`)."""
-    return hashlib.md5(url.strip(_WHITESPACE).encode("utf-8")).hexdigest()[:16]
 
 
 def shard_of(key: str, n_shards: int) -> int:
