@@ -379,7 +379,8 @@ def kill_midway(wf: Path, after: str, timeout: float = 900) -> None:
             cwd=wf,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"},
+            # A job waits 1 s after each flush, so the kill lands inside it (hic.parts).
+            env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HIC_FLUSH_PAUSE": "1"},
             start_new_session=True,  # its own process group: the kill reaches every job
         )
         deadline = time.monotonic() + timeout

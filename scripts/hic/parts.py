@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -140,6 +141,17 @@ class Mapped:
     resumed_rows: int
 
 
+#: Environment variable: seconds a job waits after each flush (default none). Only the workflow's
+#: kill-and-resume test sets it, so that a SIGKILL sent when a part appears lands inside the
+#: job that flushed it, not after the job has finished.
+FLUSH_PAUSE = "HIC_FLUSH_PAUSE"
+
+
+def _pause_after_flush() -> None:
+    if seconds := float(os.environ.get(FLUSH_PAUSE) or 0):
+        time.sleep(seconds)
+
+
 def resumable_map(
     store: PartStore,
     pending: Callable[[set], Iterable[U]],
@@ -180,9 +192,11 @@ def resumable_map(
         if n % flush_every == 0:
             store.write(units, rows)
             log.info("flushed %d batches", n)
+            _pause_after_flush()
             units, rows = [], []
     if units:
         store.write(units, rows)
+        _pause_after_flush()
     # Read back even what this run made, so a resumed and an uninterrupted run return rows
     # that went through the same types.
     return Mapped(
