@@ -19,7 +19,7 @@ SPEED = {
     "refine_regions": frozenset({"batch_size"}),
     "propose_regions/settings": frozenset({"batch_size"}),
     "download": frozenset({"thread_count", "processes_count"}),
-    "clip/defaults": frozenset({"checkpoint_every", "workers"}),
+    "clip/defaults": frozenset({"checkpoint_every"}),
 }
 
 

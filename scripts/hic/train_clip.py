@@ -66,6 +66,7 @@ from torch.utils.data import DataLoader
 
 from hic.clip_model import create_long_clip
 from hic.parts import batches as caption_batches
+from hic.parts import file_identity, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -634,11 +635,7 @@ def input_identity(paths: list[Path], code: str = "") -> str:
     """Path, size and modification time of every input, and the training code's fingerprint,
     hashed: it changes when Snakemake rewrites an input or the code's behaviour changes, and
     costs no read of the (at paper scale, terabytes of) data."""
-    stats: list = [code]
-    for path in sorted(map(Path, paths)):
-        stat = path.stat()
-        stats.append((str(path), stat.st_size, stat.st_mtime_ns))
-    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+    return fingerprint(code, file_identity(sorted(map(Path, paths))))
 
 
 def _save(path: Path, model, optimizer, step: int, fingerprint: str) -> None:
