@@ -13,17 +13,17 @@ log = to_log(snakemake.log[0])
 use_threads(snakemake.threads)
 spec, name = dict(snakemake.params.spec), snakemake.wildcards.benchmark
 device = "cuda" if torch.cuda.is_available() else "cpu"  # the rule asks for a GPU
-model, transform, tokenizer, settings = load_run(Path(snakemake.input.model), device)
+model, method, settings = load_run(Path(snakemake.input.model), device)
 if spec.pop("task") == "retrieval":
     data = load_benchmark(name, spec)
     result = (
         {"task": "retrieval", "skipped": f"optional benchmark not found at {spec['path']}"}
         if data is None
-        else evaluate_retrieval(model, transform, tokenizer, data)
+        else evaluate_retrieval(model, method, data)
     )
 else:
     data = load_imagefolder(spec["path"], name=name, classnames=spec.get("classnames", "folders"))
-    result = evaluate_classification(model, transform, tokenizer, data)
+    result = evaluate_classification(model, method, data)
 result = {
     "run": snakemake.wildcards.run,
     "benchmark": name,

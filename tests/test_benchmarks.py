@@ -21,7 +21,6 @@ from hic.benchmarks import (
     load_urban1k,
     recall_at_k,
     rejoin_sentences,
-    retrieval_metrics,
     topk_accuracy,
 )
 
@@ -296,20 +295,6 @@ def test_recall_rejects_bad_input() -> None:
         recall_at_k(np.zeros((2, 3)))
     with pytest.raises(ValueError, match="NaN"):
         recall_at_k(np.array([[np.nan, 0.0], [0.0, 1.0]]))
-
-
-def test_retrieval_metrics_uses_cosine_and_both_directions() -> None:
-    e0, e1 = np.array([1.0, 0.0]), np.array([0.0, 1.0])
-    images = np.stack([10 * e0, 0.1 * e1])  # scale must not matter
-    texts = np.stack([e0, e0 + 0.1 * e1])
-    metrics = retrieval_metrics(images, texts, ks=(1, 2))
-    # Both texts are nearest to image 0, but each image still prefers its own text.
-    assert metrics == {
-        "image_to_text": {"R@1": 1.0, "R@2": 1.0},
-        "text_to_image": {"R@1": 0.5, "R@2": 1.0},
-    }
-    with pytest.raises(ValueError, match="row 1 has zero norm"):
-        retrieval_metrics(np.stack([e0, 0 * e1]), texts)
 
 
 def test_topk_accuracy_on_known_logits() -> None:

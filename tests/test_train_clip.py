@@ -28,7 +28,6 @@ from hic.train_clip import (
     input_identity,
     load_image,
     pair_shards,
-    param_groups,
     tar_images,
     train,
     write_job,
@@ -202,16 +201,6 @@ def test_mix_lists_weights_and_an_unlisted_kind_weighs_zero():
     for bad in ({"long": 0}, {"short": -1, "long": 2}, {"regions": 1}):
         with pytest.raises(ValueError, match="must give non-negative weights"):
             TrainSettings(mix=bad)
-
-
-def test_no_weight_decay_on_gains_biases_and_temperature():
-    model = torch.nn.Module()
-    model.proj = torch.nn.Linear(4, 4)
-    model.ln_final = torch.nn.LayerNorm(4)
-    model.logit_scale = torch.nn.Parameter(torch.ones([]))
-    free, decayed = param_groups(model, 0.2)
-    assert decayed["weight_decay"] == 0.2 and decayed["params"] == [model.proj.weight]
-    assert free["weight_decay"] == 0.0 and len(free["params"]) == 4
 
 
 def test_crop_to_maps_original_pixels_to_the_stored_image():

@@ -313,32 +313,6 @@ def recall_at_k(similarity: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[
     return {f"R@{k}": float((ranks < k).mean()) for k in ks}
 
 
-def _l2_normalise(features: np.ndarray, what: str) -> np.ndarray:
-    # float32 as CLIP features are; float64 would double the 10k x 10k matrix to 800 MB.
-    features = np.asarray(features, dtype=np.float32)
-    if features.ndim != 2:
-        raise ValueError(f"{what} must be (n, dim), got shape {features.shape}")
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    if (zero := np.flatnonzero(norms[:, 0] == 0)).size:
-        raise ValueError(f"{what} row {zero[0]} has zero norm ({zero.size} such rows)")
-    return features / norms
-
-
-def retrieval_metrics(
-    image_features: np.ndarray, text_features: np.ndarray, ks: Sequence[int] = (1, 5, 10)
-) -> dict[str, dict[str, float]]:
-    """Recall@k both ways from cosine similarity; row i of each is a positive pair."""
-    images = _l2_normalise(image_features, "image features")
-    texts = _l2_normalise(text_features, "text features")
-    if images.shape != texts.shape:
-        raise ValueError(f"image features {images.shape} and text features {texts.shape} differ")
-    similarity = images @ texts.T
-    return {
-        "image_to_text": recall_at_k(similarity, ks),
-        "text_to_image": recall_at_k(similarity.T, ks),
-    }
-
-
 def topk_accuracy(
     logits: np.ndarray, labels: Sequence[int] | np.ndarray, ks: Sequence[int] = (1, 5)
 ) -> dict[str, float]:

@@ -58,13 +58,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-from open_clip import ClipLoss
 from open_clip_train.distributed import init_distributed_device, is_master
 from open_clip_train.scheduler import cosine_lr
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from hic.clip_model import create_long_clip
+from hic.methods import METHODS, method_for
+from hic.methods.base import Context, Method
 from hic.parts import batches as caption_batches
 from hic.parts import file_identity, fingerprint
 
@@ -87,6 +87,8 @@ class TrainSettings:
     """One entry of the config's ``clip.runs``, merged over ``clip.defaults``."""
 
     policy: str = "hierarchical"
+    method: str = "clip"
+    options: dict = field(default_factory=dict)  # the method's own (hic.methods)
     arch: str = "ViT-B-16"
     pretrained: str | None = None
     keep_positions: int = 20
@@ -103,6 +105,8 @@ class TrainSettings:
     )
 
     def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {sorted(METHODS)}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown caption policy {self.policy!r}; choose one of {POLICIES}")
         # A kind the mix does not list has probability 0: ``mix: {long: 1}`` is long only.
@@ -432,15 +436,15 @@ def load_image(
 
 
 class Pairs(torch.utils.data.Dataset):
-    """Sample -> (image tensor, tokens): what DataLoader workers run. The caption choice and
-    the augmentation are seeded by (seed, epoch, key), so a pair is the same whichever
-    process makes it and whenever."""
+    """Sample -> the method's tensors for it (``Method.example``): what DataLoader workers
+    run. The caption choice and the augmentation are seeded by (seed, epoch, key), so a
+    sample is the same whichever process makes it and whenever."""
 
-    def __init__(self, settings, epoch, transform, tokenizer, min_side=None):
+    def __init__(self, settings, epoch, method: Method, min_side=None):
         self.settings, self.epoch, self.min_side = settings, epoch, min_side
-        self.transform, self.tokenizer = transform, tokenizer
+        self.method = method
 
-    def __getitem__(self, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, sample: Sample) -> dict:
         s = self.settings
         rng = stable_random(s.seed, self.epoch, sample.key)
         text, region = caption_for(s.policy, sample.alt, sample.record, rng, s.mix)
@@ -453,8 +457,7 @@ class Pairs(torch.utils.data.Dataset):
         image = load_image(data, box, sample.original, self.min_side)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(rng.getrandbits(63))
-            pixels = self.transform(image)
-        return pixels, self.tokenizer([text])[0]
+            return self.method.example(image, text, rng)
 
 
 def epoch_loader(shards, settings, epoch, pairs: Pairs, workers: int, **rank) -> DataLoader:
@@ -465,11 +468,6 @@ def epoch_loader(shards, settings, epoch, pairs: Pairs, workers: int, **rank) ->
         num_workers=workers,
         prefetch_factor=4 if workers else None,
     )
-
-
-def input_side(model) -> int:
-    size = model.visual.image_size
-    return max(size) if isinstance(size, tuple | list) else int(size)
 
 
 # ------------------------------------------------------------------ training
@@ -498,13 +496,8 @@ def train(
     log.info("rank %d of %d, %d DataLoader workers", rank, world, workers)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(settings.seed)
-    model, train_tf, _, tokenizer = create_long_clip(
-        settings.arch,
-        pretrained=settings.pretrained,
-        keep=settings.keep_positions,
-        factor=settings.stretch,
-        device=device,
-    )
+    method = method_for(settings)
+    model = method.build(device)
     counted = None
     if master:
         counted = count_samples(shards, settings)
@@ -524,12 +517,12 @@ def train(
         )
     total = per_epoch * settings.epochs
     optimizer = torch.optim.AdamW(
-        param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.98), eps=1e-6
+        method.parameter_groups(model, settings.weight_decay),
+        lr=settings.lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
     )
     schedule = cosine_lr(optimizer, settings.lr, settings.warmup, total)
-    # With features gathered with their gradients, each rank's loss is the global batch's and
-    # DDP's gradient average equals the gradient of one process over the whole batch.
-    loss_fn = ClipLoss(gather_with_grad=distributed, rank=rank, world_size=world)
     checkpoint, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -541,7 +534,7 @@ def train(
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
         if state["settings"] == fingerprint:
-            model.load_state_dict(state["model"])
+            method.load_saved(model, state["model"])
             optimizer.load_state_dict(state["optimizer"])
             step = state["step"]
             log.info("resuming at step %d of %d", step, total)
@@ -552,37 +545,40 @@ def train(
     trained = model
     if distributed:
         ids = [torch.device(device).index] if torch.device(device).type == "cuda" else None
-        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=ids, find_unused_parameters=method.find_unused_parameters
+        )
     device_type = torch.device(device).type
     autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda")
-    min_side = math.ceil(DRAFT_MARGIN * input_side(model)) if draft else None
+    min_side = math.ceil(DRAFT_MARGIN * method.input_side(model)) if draft else None
     model.train()
     metrics = metrics_path.open("a") if master else None
     while step < total and (max_steps is None or step < max_steps):
         epoch, done = divmod(step, per_epoch)
-        pairs = Pairs(settings, epoch, train_tf, tokenizer, min_side)
+        pairs = Pairs(settings, epoch, method, min_side)
         batches = epoch_loader(
             shards, settings, epoch, pairs, workers, first=done, rank=rank, world=world
         )
         waited = time.perf_counter()
-        for images, texts in batches:
+        for batch in batches:
             if (
                 step >= total
                 or (max_steps is not None and step >= max_steps)
                 or (step // per_epoch != epoch)
             ):
                 break
-            images, texts = images.to(device), texts.to(device)
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             started = time.perf_counter()
             lr = schedule(step)
+            # With features gathered with their gradients (ctx.gather), each rank's loss is the
+            # global batch's and DDP's gradient average is one process's over the whole batch.
+            ctx = Context(rank=rank, world=world, step=step, total=total)
             with autocast:
-                out = trained(images, texts)
-                loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+                loss, logs = method.loss(trained(**batch), ctx)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            with torch.no_grad():  # CLIP's temperature clamp
-                model.logit_scale.clamp_(0, math.log(100))
+            method.after_step(model, step, total)
             finished = time.perf_counter()
             step += 1
             if master:
@@ -593,18 +589,19 @@ def train(
                     "lr": lr,
                     "samples_per_s": round(settings.batch_size / (finished - waited), 2),
                     "data_wait": round((started - waited) / (finished - waited), 4),
+                    **{k: round(float(v), 6) for k, v in logs.items()},
                 }
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 if step % settings.checkpoint_every == 0 or step == total:
-                    _save(checkpoint, model, optimizer, step, fingerprint)
+                    _save(checkpoint, method.saved_state(model), optimizer, step, fingerprint)
             waited = time.perf_counter()
         del batches  # its workers end here
     if metrics is not None:
         metrics.close()
     if master and step == total:
         torch.save(
-            {"model": model.state_dict(), "settings": asdict(settings), "steps": step},
+            {"model": method.saved_state(model), "settings": asdict(settings), "steps": step},
             out_dir / "model.pt",
         )
     if distributed:
@@ -618,19 +615,6 @@ def train(
     }
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups as open_clip_train makes them: no weight decay on gains, biases, norms
-    and the temperature (parameters under 2-D, or named bn/ln/bias/logit_scale)."""
-    groups: dict[bool, list] = {True: [], False: []}
-    for name, param in model.named_parameters():
-        exempt = param.ndim < 2 or any(k in name for k in ("bn", "ln", "bias", "logit_scale"))
-        groups[not exempt].append(param)
-    return [
-        {"params": groups[False], "weight_decay": 0.0},
-        {"params": groups[True], "weight_decay": weight_decay},
-    ]
-
-
 def input_identity(paths: list[Path], code: str = "") -> str:
     """Path, size and modification time of every input, and the training code's fingerprint,
     hashed: it changes when Snakemake rewrites an input or the code's behaviour changes, and
@@ -638,11 +622,11 @@ def input_identity(paths: list[Path], code: str = "") -> str:
     return fingerprint(code, file_identity(sorted(map(Path, paths))))
 
 
-def _save(path: Path, model, optimizer, step: int, fingerprint: str) -> None:
+def _save(path: Path, model_state: dict, optimizer, step: int, fingerprint: str) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(
         {
-            "model": model.state_dict(),
+            "model": model_state,
             "optimizer": optimizer.state_dict(),
             "step": step,
             "settings": fingerprint,
