@@ -155,9 +155,18 @@ EVALUATIONS = expand(
 def clip_settings(wildcards):
     """A run's training settings: clip.defaults overlaid with the run's own keys, less those
     that only change speed (hic.speed; the script reads them from the config)."""
-    run = {k: v for k, v in CLIP_RUNS[wildcards.run].items() if k != "annotations"}
+    run = {k: v for k, v in CLIP_RUNS[wildcards.run].items() if k not in ("annotations", "label")}
     merged = {**science(config, "clip/defaults"), **run}
     return {k: v for k, v in merged.items() if k not in SPEED["clip/defaults"]}
+
+
+def clip_rows():
+    """Per run, what the tables need to place it: method, caption policy, annotations, label."""
+    keys = ("method", "policy", "annotations", "label")
+    return {
+        name: {k: v for k, v in {**config["clip"]["defaults"], **run}.items() if k in keys}
+        for name, run in CLIP_RUNS.items()
+    }
 
 
 def clip_annotations(wildcards):
@@ -209,8 +218,20 @@ def list_inputs():
     return url_lists() if DEMO else ancient(url_lists())
 
 
-def code_version(script):
+def code_version(script, *extra):
     """What scripts/<script>.py and the library modules it uses do (hic.codebase): a param, so a
     behavioural edit re-runs the stage and its downstream, while a comment, a docstring, a
-    fresh checkout or an edit to logging and provenance stamping re-runs nothing."""
-    return code_fingerprint(Path(workflow.basedir) / "scripts" / f"{script}.py")
+    fresh checkout or an edit to logging and provenance stamping re-runs nothing. ``extra``:
+    hic modules the script loads by name (a run's method)."""
+    return code_fingerprint(Path(workflow.basedir) / "scripts" / f"{script}.py", extra)
+
+
+def method_code(script):
+    """code_version of a CLIP stage for one run: the script and the run's method module, so an
+    edit to one method re-runs that method's runs only."""
+
+    def version(wildcards):
+        run = {**config["clip"]["defaults"], **CLIP_RUNS[wildcards.run]}
+        return code_version(script, f"methods.{run.get('method', 'clip')}")
+
+    return version

@@ -9,7 +9,7 @@ rule train_clip:
         params="results/clip/{run}/params.txt",
         provenance="results/clip/{run}/provenance.json",
     params:
-        code=code_version("train_clip"),
+        code=method_code("train_clip"),
         settings=clip_settings,
     log:
         "results/logs/train_clip/{run}.log",

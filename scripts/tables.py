@@ -6,10 +6,11 @@ from hic.tables import (
     classification_table,
     load_reference,
     load_results,
+    long_csv,
     plot_message,
     plot_retrieval,
     retrieval_table,
-    to_csv,
+    run_rows,
     to_latex,
     to_markdown,
 )
@@ -22,19 +23,18 @@ skipped = [p for p in results if "skipped" in json.loads(p.read_text())]
 for path in skipped:
     log.warning("not in the tables: %s (%s)", path, json.loads(path.read_text())["skipped"])
 kept = [p for p in results if p not in skipped]
-data = load_results(kept) if kept else None
-reference = load_reference(Path(params.reference)) if params.reference else None
-runs = [r for r in params.runs if data is not None and r in set(data["run"])]
+data = load_results(kept, run_rows(dict(params.runs))) if kept else None
+reference = (
+    load_reference(Path(snakemake.input.reference[0])) if snakemake.input.reference else None
+)
 tasks = set(data["task"]) if data is not None else set()
 retrieval = (
-    retrieval_table(data[data["task"] == "retrieval"], run_order=runs, reference=reference)
+    retrieval_table(data[data["task"] == "retrieval"], reference=reference)
     if "retrieval" in tasks
     else None
 )
 classification = (
-    classification_table(
-        data[data["task"] == "classification"], run_order=runs, reference=reference
-    )
+    classification_table(data[data["task"] == "classification"], reference=reference)
     if "classification" in tasks
     else None
 )
@@ -73,7 +73,7 @@ for task, table, md, tex, csv, title, label in [
         continue
     Path(md).write_text(f"# {title}\n\n{to_markdown(table)}\n")
     Path(tex).write_text(to_latex(table, title, label))
-    to_csv(table, Path(csv))
+    long_csv(data, reference, task).to_csv(csv, index=False)
 if retrieval is not None:
     plot_retrieval(retrieval, Path(out.plot))
 else:

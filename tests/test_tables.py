@@ -2,7 +2,6 @@ import json
 import math
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from hic.tables import (
@@ -12,9 +11,10 @@ from hic.tables import (
     classification_table,
     load_reference,
     load_results,
+    long_csv,
     plot_retrieval,
     retrieval_table,
-    to_csv,
+    run_rows,
     to_latex,
     to_markdown,
 )
@@ -60,9 +60,16 @@ def write(tmp_path, results):
     return paths
 
 
+RUNS = {
+    "long": {"policy": "long", "annotations": "reference"},
+    "alt_text": {"policy": "alt", "annotations": "reference"},
+    "flair_hier": {"method": "flair", "policy": "hierarchical", "annotations": "dataset"},
+}
+
+
 @pytest.fixture
 def results(tmp_path):
-    # "long" appears first in the files; "urban" before "demo".
+    # "long" appears first in the files; "urban" before "demo"; flair after the clip runs.
     return load_results(
         write(
             tmp_path,
@@ -71,10 +78,13 @@ def results(tmp_path):
                 retrieval("long", "demo", 0.12, 0.5),
                 retrieval("alt_text", "urban", 0.4, 0.125),
                 retrieval("alt_text", "demo", 0.12, 0.3),
+                retrieval("flair_hier", "urban", 0.1, 0.2),
+                retrieval("flair_hier", "demo", 0.05, 0.1),
                 classification("long", "demo_classify", 0.3, 0.7),
                 classification("alt_text", "demo_classify", 0.25, 0.655),
             ],
-        )
+        ),
+        run_rows(RUNS),
     )
 
 
@@ -83,19 +93,26 @@ def reference(tmp_path):
     path = tmp_path / "reference.csv"
     path.write_text(
         "# a comment line, skipped\n"
-        "model,benchmark,direction,metric,value,source\n"
-        "Paper-B,urban,I→T,R@1,90.0,Paper (2024) Table 9 #2\n"
-        "Paper-B,urban,T→I,R@1,80.5,Paper (2024) Table 9\n"
-        "Paper-B,urban,I→T,R@5,99.0,Paper (2024) Table 9\n"
-        "Paper-B,demo_classify,,top1,77.7,Paper (2024) Table 3\n"
-        "Other,elsewhere,I→T,R@1,50.0,Other (2023) Table 1\n"
+        "method,data,benchmark,direction,metric,value,source\n"
+        "flair,PixelProse,urban,I→T,R@1,90.0,Paper (2024) Table 9 #2\n"
+        "flair,PixelProse,urban,T→I,R@1,80.5,Paper (2024) Table 9\n"
+        "flair,PixelProse,urban,I→T,R@5,99.0,Paper (2024) Table 9\n"
+        "flair,PixelProse,dci,T→I,R@1,60.0,Paper (2024) Table 9\n"
+        "flair,PixelProse,demo_classify,,top1,77.7,Paper (2024) Table 3\n"
+        "cosmos,CC3M,elsewhere,I→T,R@1,50.0,Other (2023) Table 1\n"
     )
     return load_reference(path)
 
 
+CLIP_LONG = ("clip", "run", "long captions (reference)")
+CLIP_ALT = ("clip", "run", "alt-text")
+FLAIR_RUN = ("flair", "run", "HIC captions (this pipeline)")
+FLAIR_PUBLISHED = ("flair", "published", "PixelProse")
+
+
 def test_load_results_long_format(results):
     assert list(results.columns) == RESULT_COLUMNS
-    assert len(results) == 4 * 6 + 2 * 2
+    assert len(results) == 6 * 6 + 2 * 2
     row = results[
         (results["run"] == "long")
         & (results["benchmark"] == "demo")
@@ -104,6 +121,16 @@ def test_load_results_long_format(results):
     ]
     assert row["value"].item() == pytest.approx(0.6)
     assert row["n"].item() == 100
+    assert row[["method", "data"]].values.tolist() == [["clip", "long captions (reference)"]]
+
+
+def test_run_rows_name_method_and_data_and_refuse_twins():
+    assert run_rows(RUNS)["flair_hier"] == ("flair", "HIC captions (this pipeline)")
+    assert run_rows({"x": {"policy": "alt", "label": "LAION-400M"}}) == {
+        "x": ("clip", "LAION-400M")
+    }
+    with pytest.raises(ValueError, match="runs 'a' and 'b' are both method 'clip' on 'alt-text'"):
+        run_rows({"a": {"policy": "alt"}, "b": {"policy": "alt", "annotations": "dataset"}})
 
 
 def test_retrieval_table_values_and_order(results):
@@ -114,108 +141,95 @@ def test_retrieval_table_values_and_order(results):
         ("demo", "I→T"),
         ("demo", "T→I"),
     ]
-    assert list(table.index) == [("run", "long"), ("run", "alt_text")]
-    assert table.loc[("run", "long"), ("urban", "I→T")] == 33.3
-    assert table.loc[("run", "alt_text"), ("urban", "T→I")] == 12.5
-    assert table.loc[("run", "long"), ("demo", "T→I")] == 50.0
+    assert list(table.index) == [CLIP_LONG, CLIP_ALT, FLAIR_RUN]
+    assert table.loc[CLIP_LONG, ("urban", "I→T")] == 33.3
+    assert table.loc[CLIP_ALT, ("urban", "T→I")] == 12.5
+    assert table.loc[CLIP_LONG, ("demo", "T→I")] == 50.0
     assert table.attrs["metric"] == "R@1"
 
 
-def test_retrieval_table_selection_recall_and_run_order(results):
-    table = retrieval_table(
-        results, benchmarks=["demo", "urban"], recall="R@10", run_order=["alt_text", "long"]
-    )
+def test_retrieval_table_selection_and_recall(results):
+    table = retrieval_table(results, benchmarks=["demo", "urban"], recall="R@10")
     assert list(table.columns.get_level_values(0)) == ["demo", "demo", "urban", "urban"]
     assert list(table.columns.get_level_values(1)) == ["I→T", "T→I", "I→T", "T→I"]
-    assert list(table.index.get_level_values("model")) == ["alt_text", "long"]
-    assert table.loc[("run", "alt_text"), ("demo", "T→I")] == 50.0
-    only = retrieval_table(results, benchmarks=["demo"], run_order=["long"])
-    assert only.shape == (1, 2)
+    assert table.loc[CLIP_ALT, ("demo", "T→I")] == 50.0
+    only = retrieval_table(results, benchmarks=["demo"])
+    assert only.shape == (3, 2)
 
 
 def test_retrieval_table_rejects_unknown_names(results):
-    with pytest.raises(ValueError, match="nope"):
-        retrieval_table(results, run_order=["long", "nope"])
     with pytest.raises(ValueError, match="coco"):
         retrieval_table(results, benchmarks=["coco"])
     with pytest.raises(ValueError, match="R@2"):
         retrieval_table(results, recall="R@2")
 
 
-def test_reference_rows_on_top(results, reference):
+def test_published_rows_lead_their_method_and_keep_the_papers_columns(results, reference):
     table = retrieval_table(results, reference=reference)
-    # "Other" has no number in this table's benchmarks, so it gets no empty row.
-    assert list(table.index) == [("reference", "Paper-B"), ("run", "long"), ("run", "alt_text")]
-    assert table.loc[("reference", "Paper-B"), ("urban", "T→I")] == 80.5
-    assert math.isnan(table.loc[("reference", "Paper-B"), ("demo", "I→T")])
+    # cosmos has no number on these benchmarks ("elsewhere" is not one of the paper's), so
+    # it gets no row; dci has a published number only, and still gets its columns.
+    assert list(table.index) == [CLIP_LONG, CLIP_ALT, FLAIR_PUBLISHED, FLAIR_RUN]
+    assert list(table.columns.get_level_values(0)) == ["urban"] * 2 + ["demo"] * 2 + ["dci"] * 2
+    assert table.loc[FLAIR_PUBLISHED, ("urban", "T→I")] == 80.5
+    assert table.loc[FLAIR_PUBLISHED, ("dci", "T→I")] == 60.0
+    assert math.isnan(table.loc[FLAIR_PUBLISHED, ("demo", "I→T")])
+    assert math.isnan(table.loc[FLAIR_RUN, ("dci", "T→I")])
     r5 = retrieval_table(results, recall="R@5", reference=reference)
-    assert r5.loc[("reference", "Paper-B"), ("urban", "I→T")] == 99.0
+    assert r5.loc[FLAIR_PUBLISHED, ("urban", "I→T")] == 99.0
 
 
 def test_classification_table(results, reference):
-    table = classification_table(results)
+    table = classification_table(results[results["task"] == "classification"])
     assert list(table.columns) == [("demo_classify", "top1"), ("demo_classify", "top5")]
-    assert list(table.index) == [("run", "long"), ("run", "alt_text")]
-    assert table.loc[("run", "alt_text"), ("demo_classify", "top5")] == 65.5
-    with_ref = classification_table(results, reference=reference)
-    assert with_ref.loc[("reference", "Paper-B"), ("demo_classify", "top1")] == 77.7
-    assert math.isnan(with_ref.loc[("reference", "Paper-B"), ("demo_classify", "top5")])
+    assert list(table.index) == [CLIP_LONG, CLIP_ALT]
+    assert table.loc[CLIP_ALT, ("demo_classify", "top5")] == 65.5
+    with_ref = classification_table(
+        results[results["task"] == "classification"], reference=reference
+    )
+    assert with_ref.loc[FLAIR_PUBLISHED, ("demo_classify", "top1")] == 77.7
+    assert math.isnan(with_ref.loc[FLAIR_PUBLISHED, ("demo_classify", "top5")])
 
 
-def test_latex_bold_best_among_runs(results, reference):
-    tex = to_latex(retrieval_table(results, reference=reference), "Recall@1.", "tab:r1")
+def test_latex_bold_best_among_runs_in_method_blocks(results, reference):
+    table = retrieval_table(results, reference=reference, benchmarks=["urban", "demo"])
+    tex = to_latex(table, "Recall@1.", "tab:r1")
     lines = tex.splitlines()
     for command in [r"\toprule", r"\bottomrule", r"\caption{Recall@1.}", r"\label{tab:r1}"]:
         assert command in lines
-    assert r"R@1 & \multicolumn{2}{c}{urban} & \multicolumn{2}{c}{demo} \\" in lines
-    assert r"Model & I$\rightarrow$T & T$\rightarrow$I & I$\rightarrow$T & T$\rightarrow$I \\" in (
-        lines
-    )
-    # The reference beats every run but is never bold; the demo I→T tie bolds both runs.
-    assert r"Paper-B & 90.0 & 80.5 & -- & -- \\" in lines
-    assert r"long & 33.3 & \textbf{25.0} & \textbf{12.0} & \textbf{50.0} \\" in lines
-    assert r"alt\_text & \textbf{40.0} & 12.5 & \textbf{12.0} & 30.0 \\" in lines
-    # A rule separates header, references and runs.
-    paper, long = (
-        lines.index(r"Paper-B & 90.0 & 80.5 & -- & -- \\"),
-        lines.index(r"long & 33.3 & \textbf{25.0} & \textbf{12.0} & \textbf{50.0} \\"),
-    )
-    assert lines[paper - 1] == r"\midrule" and lines[long - 1] == r"\midrule"
-
-
-def test_latex_without_references_has_one_midrule(results):
-    tex = to_latex(classification_table(results), "Zero-shot.", "tab:cls")
-    assert tex.count(r"\midrule") == 1
-    assert r"long & \textbf{30.0} & \textbf{70.0} \\" in tex
+    assert r" & R@1 & \multicolumn{2}{c}{urban} & \multicolumn{2}{c}{demo} \\" in lines
+    arrows = r"I$\rightarrow$T & T$\rightarrow$I & I$\rightarrow$T & T$\rightarrow$I \\"
+    assert "Method & Data & " + arrows in lines
+    # The published row beats every run but is never bold; the demo I→T tie bolds both runs.
+    published = r"flair & PixelProse (published) & 90.0 & 80.5 & -- & -- \\"
+    long = r"clip & long captions (reference) & 33.3 & \textbf{25.0} & \textbf{12.0} & "
+    long += r"\textbf{50.0} \\"
+    assert published in lines and long in lines
+    assert r"clip & alt-text & \textbf{40.0} & 12.5 & \textbf{12.0} & 30.0 \\" in lines
+    # A rule opens each method's block.
+    assert lines[lines.index(published) - 1] == r"\midrule"
+    assert lines[lines.index(long) - 1] == r"\midrule"
+    assert tex.count(r"\midrule") == 2
 
 
 def test_markdown_headers(results, reference):
     md = to_markdown(retrieval_table(results, reference=reference))
     header = md.splitlines()[0]
-    for name in ["kind", "model", "urban I→T R@1", "urban T→I R@1", "demo I→T R@1"]:
+    for name in ["method", "training data", "urban I→T", "urban T→I", "demo I→T", "dci T→I"]:
         assert name in header
-    assert "| reference" in md and "Paper-B" in md
+    assert "PixelProse (published)" in md and "HIC captions (this pipeline)" in md
     assert "nan" not in md and "–" in md
     assert "33.3" in md
 
 
-def test_csv_flat_names(results, tmp_path):
-    path = tmp_path / "r1.csv"
-    to_csv(retrieval_table(results), path)
-    flat = pd.read_csv(path)
-    assert list(flat.columns) == [
-        "kind",
-        "model",
-        "urban I→T R@1",
-        "urban T→I R@1",
-        "demo I→T R@1",
-        "demo T→I R@1",
-    ]
-    assert flat["model"].tolist() == ["long", "alt_text"]
-    assert flat.loc[0, "urban I→T R@1"] == 33.3
-    cls = tmp_path / "cls.csv"
-    to_csv(classification_table(results), cls)
-    assert list(pd.read_csv(cls).columns)[2:] == ["demo_classify top1", "demo_classify top5"]
+def test_csv_is_long_with_every_recall_and_the_sources(results, reference):
+    frame = long_csv(results, reference, "retrieval")
+    assert set(frame["metric"]) == {"R@1", "R@5", "R@10"}
+    run = frame[(frame["run"] == "long") & (frame["benchmark"] == "urban")]
+    assert run.query("direction == 'I→T' and metric == 'R@5'")["value"].item() == 43.3
+    published = frame[frame["kind"] == "published"]
+    assert len(published) == 5 and (published["source"] != "").all()
+    classes = long_csv(results, reference, "classification")
+    assert set(classes["metric"]) == {"top1", "top5"} and len(classes) == 2 * 2 + 1
 
 
 @pytest.mark.parametrize(
@@ -257,14 +271,14 @@ def test_reference_file_in_repo_loads_and_cites():
 @pytest.mark.parametrize(
     "row, message",
     [
-        ("M,urban,I→T,R@1,50.0,", "source"),
-        ("M,urban,I2T,R@1,50.0,Paper Table 1", "direction"),
-        ("M,urban,I→T,R@1,0.5x,Paper Table 1", "percentage"),
+        ("M,D,urban,I→T,R@1,50.0,", "source"),
+        ("M,D,urban,I2T,R@1,50.0,Paper Table 1", "direction"),
+        ("M,D,urban,I→T,R@1,0.5x,Paper Table 1", "percentage"),
     ],
 )
 def test_reference_rejects_bad_rows(tmp_path, row, message):
     path = tmp_path / "ref.csv"
-    path.write_text("model,benchmark,direction,metric,value,source\n" + row + "\n")
+    path.write_text("method,data,benchmark,direction,metric,value,source\n" + row + "\n")
     with pytest.raises(ResultError, match=message) as err:
         load_reference(path)
     assert str(path) in str(err.value)

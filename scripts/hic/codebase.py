@@ -21,34 +21,51 @@ INFRASTRUCTURE = frozenset(
 )
 
 
-def imports(script: Path, skip: frozenset[str] = frozenset()) -> tuple[list[Path], set[str]]:
+def _module_file(package: Path, dotted: str) -> Path | None:
+    """The file of ``hic.<dotted>`` (a module, or a subpackage's __init__), if it exists."""
+    parts = dotted.split(".")
+    for path in (
+        package.joinpath(*parts).with_suffix(".py"),
+        package.joinpath(*parts, "__init__.py"),
+    ):
+        if path.exists():
+            return path
+    return None
+
+
+def imports(
+    script: Path, skip: frozenset[str] = frozenset(), extra: tuple[str, ...] = ()
+) -> tuple[list[Path], set[str]]:
     """(hic modules imported directly or transitively, top-level third-party module names).
 
-    Modules named in ``skip`` are neither listed nor followed."""
+    ``extra``: dotted names of hic modules used without a static import (a method module the
+    run's settings select), followed like imports. Modules named in ``skip`` are neither
+    listed nor followed."""
     package = script.parent / "hic" if script.parent.name != "hic" else script.parent
     todo, seen, external = [script], set(), set()
-    while todo:
-        for node in ast.walk(ast.parse(todo.pop().read_text())):
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-                if node.module == "hic":  # from hic import demo_world
-                    names = [f"hic.{alias.name}" for alias in node.names]
-            else:
+    pending = [f"hic.{name}" for name in extra]
+    while todo or pending:
+        names, pending = pending, []
+        if todo:
+            for node in ast.walk(ast.parse(todo.pop().read_text())):
+                if isinstance(node, ast.Import):
+                    names += [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names.append(node.module)
+                    if node.module.partition(".")[0] == "hic":  # from hic(.x) import module
+                        names += [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            top, _, rest = name.partition(".")
+            if top != "hic":
+                if top not in sys.stdlib_module_names:
+                    external.add(top)
                 continue
-            for name in names:
-                top, _, rest = name.partition(".")
-                if top != "hic":
-                    if top not in sys.stdlib_module_names:
-                        external.add(top)
-                    continue
-                module = package / f"{rest.split('.')[0]}.py"
-                if module.stem in skip:
-                    continue
-                if rest and module.exists() and module not in seen:
-                    seen.add(module)
-                    todo.append(module)
+            if not rest or rest.split(".")[0] in skip:
+                continue
+            module = _module_file(package, rest)
+            if module is not None and module not in seen:
+                seen.add(module)
+                todo.append(module)
     return sorted(seen), external
 
 
@@ -72,11 +89,12 @@ def behaviour(source: str) -> str:
     return ast.dump(tree, annotate_fields=False, include_attributes=False)
 
 
-def code_fingerprint(script: Path) -> str:
+def code_fingerprint(script: Path, extra: tuple[str, ...] = ()) -> str:
     """A hash of what ``script`` and the library modules it uses do (``behaviour``), leaving
     out ``INFRASTRUCTURE``. A rule passes it as a param: Snakemake then re-runs the stage when
-    its code's behaviour changes, and not for a comment, a docstring or a touched file."""
-    modules, _ = imports(script, skip=INFRASTRUCTURE)
+    its code's behaviour changes, and not for a comment, a docstring or a touched file.
+    ``extra``: modules the script loads by name (``imports``)."""
+    modules, _ = imports(script, skip=INFRASTRUCTURE, extra=extra)
     digest = hashlib.sha256()
     for path in [script, *modules]:
         digest.update(f"{path.name}\0{behaviour(path.read_text())}\0".encode())

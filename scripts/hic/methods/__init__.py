@@ -24,7 +24,8 @@ def method_for(settings) -> Method:
         raise ValueError(f"unknown method {settings.method!r}; choose one of {sorted(METHODS)}")
     module = importlib.import_module(f"hic.methods.{METHODS[settings.method]}")
     cls = next(
-        c for c in vars(module).values()
+        c
+        for c in vars(module).values()
         if isinstance(c, type) and issubclass(c, Method) and c.name == settings.method
     )
     return cls(settings)
