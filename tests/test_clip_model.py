@@ -28,3 +28,17 @@ def test_long_model_reads_248_tokens_and_differs_beyond_77():
     assert text.shape == (2, 64) and torch.isfinite(text).all()
     # Tokens past position 77 reach the embedding (a 77-token model would cut them off).
     assert not torch.allclose(text[0], text[1])
+
+
+def test_only_the_used_positions_are_encoded_with_the_same_result():
+    torch.manual_seed(0)
+    model, _, _, tokenizer = create_long_clip("HIC-Tiny-CLIP", pretrained=None, keep=20, factor=4)
+    tokens = tokenizer(["a red ball", "a blue kite on snow under a night sky"])
+    seen = []
+    hook = model.transformer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    with torch.no_grad():
+        fast = model.encode_text(tokens, normalize=True)
+        full = type(model).encode_text(model, tokens, normalize=True)  # open_clip's own
+    hook.remove()
+    assert seen[0][1] == 11 and seen[1][1] == 248  # the longer text: 9 words, start and end
+    assert torch.allclose(fast, full, atol=1e-5)

@@ -8,11 +8,14 @@ open_clip's own model, tokenizer and transforms.
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.transformer import text_global_pool
 from torch import nn
+from torch.nn import functional as F
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "data" / "clip"
 
@@ -40,7 +43,28 @@ def make_long(model: nn.Module, keep: int, factor: int) -> int:
     model.context_length = pos.shape[0]
     mask = torch.full((pos.shape[0], pos.shape[0]), float("-inf")).triu_(1)
     model.attn_mask = mask.to(model.attn_mask.device)  # causal, as open_clip builds it
+    if model.text_pool_type == "argmax":
+        model.encode_text = types.MethodType(encode_used_positions, model)
     return pos.shape[0]
+
+
+def encode_used_positions(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """open_clip's ``CLIP.encode_text`` over the batch's used positions only: up to its last
+    end-of-text token, not all 248. Exact: under the causal mask no position sees the padding
+    after it, and the feature is read at each text's end-of-text token (argmax pooling). A
+    batch of alt-texts (~20 tokens) costs a tenth of the full context."""
+    used = int(text.argmax(dim=-1).max()) + 1
+    text = text[:, :used]
+    cast_dtype = self.transformer.get_cast_dtype()
+    x = self.token_embedding(text).to(cast_dtype) + self.positional_embedding[:used].to(cast_dtype)
+    x = self.ln_final(self.transformer(x, attn_mask=self.attn_mask[:used, :used]))
+    x = text_global_pool(x, text, self.text_pool_type)
+    if self.text_projection is not None:
+        if isinstance(self.text_projection, nn.Linear):
+            x = self.text_projection(x)
+        else:
+            x = x @ self.text_projection
+    return F.normalize(x, dim=-1) if normalize else x
 
 
 def create_long_clip(
