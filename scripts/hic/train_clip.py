@@ -519,8 +519,8 @@ def train(
     optimizer = torch.optim.AdamW(
         method.parameter_groups(model, settings.weight_decay),
         lr=settings.lr,
-        betas=(0.9, 0.98),
-        eps=1e-6,
+        betas=method.adam_betas,
+        eps=method.adam_eps,
     )
     schedule = cosine_lr(optimizer, settings.lr, settings.warmup, total)
     checkpoint, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"

@@ -64,6 +64,9 @@ class Method:
     Options: ClassVar[type] = NoOptions
     # DDP must look for parameters a step leaves unused (e.g. a branch a batch skips).
     find_unused_parameters: ClassVar[bool] = False
+    # AdamW's betas and eps (open_clip_train's for CLIP training; a method's paper may differ).
+    adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.98)
+    adam_eps: ClassVar[float] = 1e-6
     # Zero-shot classification's prompts: OpenAI's 80 ImageNet templates, as the long-text
     # CLIP papers report ImageNet (a method whose paper used others overrides this).
     templates: ClassVar[tuple] = tuple(OPENAI_IMAGENET_TEMPLATES)

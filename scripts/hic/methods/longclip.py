@@ -123,6 +123,9 @@ class SmoothedClipLoss(ClipLoss):
 class LongClip(Method):
     name = "longclip"
     Options = Options
+    # train/train.py: AdamW with torch's defaults.
+    adam_betas = (0.9, 0.999)
+    adam_eps = 1e-8
 
     def build(self, device="cpu", pretrained=True):
         s = self.settings
