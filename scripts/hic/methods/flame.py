@@ -57,7 +57,7 @@ FACETS = (
     ' the overall atmosphere or emotion of this image means in just one word:"',
 )
 TEMPLATES = {"raw": 1, "short": 3, "long": 7}
-# FLAME's LLM (FLAME-Mistral-Nemo-ViT-B-16.json). Its architecture, from the hub's config.json,
+# FLAME's LLM (FLAME-Mistral-Nemo-ViT-B-16.json). Its architecture (Mistral-Nemo config.json),
 # lets the paper configuration be built on the meta device to count parameters offline.
 PAPER_LLM = "mistralai/Mistral-Nemo-Instruct-2407"
 PAPER_LLM_CONFIG = {
