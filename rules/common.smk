@@ -160,6 +160,14 @@ def clip_settings(wildcards):
     return {k: v for k, v in merged.items() if k not in SPEED["clip/defaults"]}
 
 
+def clip_models(wildcards):
+    """Local model folders a run's method options name (the demo's tiny LLMs): built by
+    build_tiny_model before training."""
+    run = {**config["clip"]["defaults"], **CLIP_RUNS[wildcards.run]}
+    options = run.get("options") or {}
+    return [v for v in options.values() if isinstance(v, str) and v.startswith("resources/models/")]
+
+
 def clip_rows():
     """Per run, what the tables need to place it: method, caption policy, annotations, label."""
     keys = ("method", "policy", "annotations", "label")

@@ -2,6 +2,7 @@ rule evaluate:
     input:
         model="results/clip/{run}/model.pt",
         data=benchmark_files,
+        models=clip_models,
     output:
         result="results/eval/{run}/{benchmark}.json",
     params:

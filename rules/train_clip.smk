@@ -3,6 +3,7 @@ rule train_clip:
         tars=expand("results/images/{shard}.tar", shard=SHARDS),
         status=expand("results/images/{shard}.parquet", shard=SHARDS),
         annotations=clip_annotations,
+        models=clip_models,
     output:
         model="results/clip/{run}/model.pt",
         metrics="results/clip/{run}/metrics.jsonl",

@@ -253,6 +253,9 @@ def multi_positive_sigmoid_loss(image, text, scale, bias) -> torch.Tensor:
 class Flame(Method):
     name = "flame"
     templates_name = "OpenAI ImageNet templates (80), FLAME's raw single prompt"
+    # Training.md: AdamW beta2 0.95, eps 1e-8.
+    adam_betas = (0.9, 0.95)
+    adam_eps = 1e-8
 
     @dataclass(frozen=True)
     class Options:
