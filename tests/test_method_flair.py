@@ -2,8 +2,13 @@
 multi-positive sigmoid losses, training and resuming through train_clip, and its inference."""
 
 import io
+import json
+import os
 import random
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,7 +28,9 @@ from hic.methods.flair import (
     split_sentences,
     text_choices,
 )
-from hic.train_clip import TrainSettings, pair_shards, train
+from hic.train_clip import TrainSettings, pair_shards, train, write_job
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 TINY = {"arch": "HIC-Tiny-CLIP", "policy": "long", "method": "flair"}
 CAPTION = "A red cup. It sits on a table! The table is oak? Light falls from the left.\nA cat."
@@ -90,11 +97,15 @@ def test_the_pooling_is_multihead_attention_with_a_zero_slot_and_attends_to_the_
 
 # ------------------------------------------------------------------ the loss
 def test_each_image_is_pooled_with_its_k_texts_and_one_of_every_other_image():
-    chosen = text_choices(torch.tensor([0, 2]), 4, 3, torch.Generator().manual_seed(0))
+    chosen = text_choices(torch.tensor([0, 2]), 4, 3, (0, 1))
     assert chosen.shape == (2, 4 + 3 - 1)
     assert chosen[0, :3].tolist() == [0, 1, 2] and chosen[1, :3].tolist() == [6, 7, 8]
     assert (chosen[0, 3:] // 3).tolist() == [1, 2, 3]
     assert (chosen[1, 3:] // 3).tolist() == [0, 1, 3]
+    # A row's draw depends on (seed, row) alone: the same on any rank, new at every step.
+    assert torch.equal(text_choices(torch.tensor([2]), 4, 3, (0, 1)), chosen[1:])
+    steps = {tuple(text_choices(torch.tensor([0]), 9, 3, (0, s))[0].tolist()) for s in range(5)}
+    assert len(steps) > 1
 
 
 def _outputs(texts_of, b=4, k=3, d=16):
@@ -114,7 +125,7 @@ def _outputs(texts_of, b=4, k=3, d=16):
 
 def test_all_k_subcaptions_of_an_image_are_its_positives():
     def loss(texts_of):
-        value, logs = flair_loss(_outputs(texts_of), 3, Context(), torch.Generator().manual_seed(0))
+        value, logs = flair_loss(_outputs(texts_of), 3, Context(), (0, 0))
         return value.item(), logs
 
     matched, logs = loss([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
@@ -231,6 +242,31 @@ def test_resumed_training_matches_an_uninterrupted_run(data, tmp_path):
     assert any(k.startswith("pool.") for k in a)
     init = tiny(num_captions=3)[1].state_dict()
     assert not torch.equal(a["pool.attn.in_proj_weight"], init["pool.attn.in_proj_weight"])
+
+
+def test_two_ranks_under_torchrun_train_as_one_process(data, tmp_path):
+    """torchrun, 2 CPU processes (gloo): texts are gathered, each rank pools its images with
+    the whole batch's texts, and the loss and weights are those of one process."""
+    settings = TrainSettings(**{**SETTINGS.__dict__, "epochs": 1})
+    train(data, tmp_path / "one", settings)
+    write_job(tmp_path / "job.json", data, tmp_path / "two", settings)
+    env = {**os.environ, "PYTHONPATH": str(SCRIPTS), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node=2", "-m", "hic.train_clip", str(tmp_path / "job.json")]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+
+    def logged(folder):
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        return [[m["loss"], m["loss_tcs"], m["loss_mps"]] for m in map(json.loads, lines)]
+
+    one, two = logged(tmp_path / "one"), logged(tmp_path / "two")
+    assert len(one) == 3 and [v for r in two for v in r] == pytest.approx(
+        [v for r in one for v in r], abs=1e-4
+    )
+    a = torch.load(tmp_path / "one/model.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "two/model.pt", weights_only=False)["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 
 
 # ------------------------------------------------------------------ evaluation

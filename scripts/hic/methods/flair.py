@@ -181,23 +181,33 @@ def multi_positive_sigmoid(logits: torch.Tensor, positive: torch.Tensor) -> torc
     return -F.logsigmoid(torch.where(positive, logits, -logits)).sum()
 
 
-def text_choices(
-    rows: torch.Tensor, n_images: int, k: int, generator: torch.Generator
-) -> torch.Tensor:
+def text_choices(rows: torch.Tensor, n_images: int, k: int, seed: tuple) -> torch.Tensor:
     """For each image of ``rows`` (global indices), the texts it is pooled with in L_tcs: its
     own K sub-captions first, then one random sub-caption of every other image of the batch:
-    (len(rows), n_images + K - 1) indices into the batch's n_images * K texts."""
+    (len(rows), n_images + K - 1) indices into the batch's n_images * K texts. Row i's draw
+    is a function of (seed, i) alone, so any split of the batch over ranks draws alike."""
     others = torch.arange(n_images).expand(len(rows), -1)
     others = others[others != rows[:, None]].view(len(rows), n_images - 1)
-    pick = torch.randint(0, k, others.shape, generator=generator)
+    pick = torch.stack(
+        [
+            # A tuple of ints hashes alike in every process (only str hashes are salted).
+            torch.randint(0, k, (n_images - 1,), generator=_generator((*seed, int(row))))
+            for row in rows
+        ]
+    )
     own = rows[:, None] * k + torch.arange(k)
     return torch.cat([own, others * k + pick], dim=1)
 
 
-def flair_loss(outputs: dict, k: int, ctx: Context, generator: torch.Generator):
-    """(L_tcs + L_mps) / 2 of this rank's images against the whole batch's texts, and its
-    parts. With ``ctx.gather`` texts are gathered with gradients and each rank's share is
-    scaled by the world size, so DDP's mean gradient is one process's on the whole batch."""
+def _generator(key: tuple) -> torch.Generator:
+    return torch.Generator().manual_seed(hash(key) & (2**63 - 1))
+
+
+def flair_loss(outputs: dict, k: int, ctx: Context, seed: tuple = ()):
+    """(L_tcs + L_mps) / 2 of the batch, and its parts. Each rank scores its own images
+    against the whole batch's texts (gathered with gradients when ``ctx.gather``); its share
+    is scaled by the world size for the gradient, so DDP's mean gradient is one process's on
+    the whole batch, and the value returned is the whole batch's (the shares, summed)."""
     tokens, texts = outputs["image_tokens"], outputs["text_features"]
     images = outputs["image_features"]
     scale, bias, pool = outputs["logit_scale"], outputs["logit_bias"], outputs["pool"]
@@ -210,7 +220,7 @@ def flair_loss(outputs: dict, k: int, ctx: Context, generator: torch.Generator):
     rows = torch.arange(local) + ctx.rank * local  # this rank's images, by global index
 
     # L_tcs: each image pooled with its own texts (positives) and one of each other image's.
-    chosen = text_choices(rows, n_images, k, generator).to(texts.device)
+    chosen = text_choices(rows, n_images, k, seed).to(texts.device)
     queries = texts[chosen]  # (B, n_images + K - 1, d)
     conditioned = F.normalize(pool(queries, tokens), dim=-1)
     logits = scale * (conditioned * queries).sum(-1) + bias
@@ -224,8 +234,12 @@ def flair_loss(outputs: dict, k: int, ctx: Context, generator: torch.Generator):
     positive = owner[None, :] == rows.to(texts.device)[:, None]
     mps = multi_positive_sigmoid(logits, positive) / len(texts)
 
-    loss = ctx.world * (tcs + mps) / 2
-    return loss, {"loss_tcs": ctx.world * tcs.item(), "loss_mps": ctx.world * mps.item()}
+    share = (tcs + mps) / 2
+    parts = torch.stack([share, tcs, mps]).detach()
+    if ctx.gather:
+        torch.distributed.all_reduce(parts)
+    loss = ctx.world * share + (parts[0] - ctx.world * share).detach()
+    return loss, {"loss_tcs": parts[1].item(), "loss_mps": parts[2].item()}
 
 
 # ------------------------------------------------------------------ the method
@@ -253,12 +267,9 @@ class Flair(Method):
         return {"image": self.train_transform(image), "text": self.tokenizer(captions)}
 
     def loss(self, outputs, ctx: Context):
-        # The negatives' draw is a function of (seed, step, rank), so a resumed run draws the
-        # same ones (a tuple of ints hashes alike in every process; only str hashes are salted).
-        generator = torch.Generator().manual_seed(
-            hash((self.settings.seed, ctx.step, ctx.rank)) & (2**63 - 1)
-        )
-        return flair_loss(outputs, self.options.num_captions, ctx, generator)
+        # The negatives' draw is a function of (seed, step): a resumed run draws the same.
+        seed = (self.settings.seed, ctx.step)
+        return flair_loss(outputs, self.options.num_captions, ctx, seed)
 
     # -------------------------------------------------------------- evaluation
     def image_features(self, model, pixels):
