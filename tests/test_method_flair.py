@@ -266,7 +266,16 @@ def test_two_ranks_under_torchrun_train_as_one_process(data, tmp_path):
     )
     a = torch.load(tmp_path / "one/model.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "two/model.pt", weights_only=False)["model"]
-    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    for key in a:
+        x, y = a[key], b[key]
+        if key.endswith("attn.in_proj_bias"):
+            # The key bias shifts every attention logit of a query alike: softmax cancels it,
+            # its gradient is rounding noise, and AdamW at eps 1e-8 turns noise into steps.
+            # Only the query and value thirds are determined by the data.
+            q, _, v = x.chunk(3)
+            q2, _, v2 = y.chunk(3)
+            x, y = torch.cat([q, v]), torch.cat([q2, v2])
+        assert torch.allclose(x, y, atol=1e-4), key
 
 
 # ------------------------------------------------------------------ evaluation

@@ -40,14 +40,15 @@ def embed_images(model, method: Method, paths: list[Path], batch_size: int = 64)
             method.eval_transform(Image.open(p).convert("RGB"))
             for p in paths[start : start + batch_size]
         ]
-        chunks.append(method.image_features(model, torch.stack(images).to(device)).float())
+        features = method.image_features(model, torch.stack(images).to(device))
+        chunks.append(features.float().cpu())  # a method's per-token features fill a GPU
     return torch.cat(chunks)
 
 
 @torch.inference_mode()
 def embed_texts(model, method: Method, texts: list[str], batch_size: int = 64) -> torch.Tensor:
     chunks = [
-        method.text_features(model, texts[start : start + batch_size]).float()
+        method.text_features(model, texts[start : start + batch_size]).float().cpu()
         for start in range(0, len(texts), batch_size)
     ]
     return torch.cat(chunks)

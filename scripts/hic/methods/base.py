@@ -19,6 +19,8 @@ paper defines. The loop's contract with a method:
    ``text_features(model, texts)`` per text (normalised, (n, d)), and
    ``similarity(model, image_features, text_features)`` -> (n_images, n_texts) scores. A plain
    CLIP's similarity is a dot product; FLAIR's pools each image's tokens with each text.
+   Evaluation keeps the features on the CPU (10k images' patch tokens would fill a GPU); a
+   similarity that needs the model moves blocks of them to its device.
 
 A method's own settings come from the run's ``options`` (a dataclass per method: an unknown key
 is an error naming the method's options).

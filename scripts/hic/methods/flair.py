@@ -246,6 +246,7 @@ def flair_loss(outputs: dict, k: int, ctx: Context, seed: tuple = ()):
 class Flair(Method):
     name = "flair"
     Options = FlairOptions
+    adam_eps = 1e-8  # src/train_*_slurm.sh; betas 0.9/0.98 as open_clip_train's
 
     def build(self, device="cpu", pretrained=True):
         s, o = self.settings, self.options
