@@ -2,6 +2,7 @@
 crops, its cross-attention distillation, resume and evaluation."""
 
 import io
+import json
 import random
 import tarfile
 
@@ -245,11 +246,14 @@ def test_resumed_training_matches_an_uninterrupted_run_teacher_included(data, tm
     assert whole["steps"] == whole["total_steps"] == 4
     part = train(data, tmp_path / "resumed", SETTINGS, max_steps=1)
     assert part["steps"] == 1 and not (tmp_path / "resumed/model.pt").exists()
-    train(data, tmp_path / "resumed", SETTINGS)
+    train(data, tmp_path / "resumed", SETTINGS, workers=2)  # resumes at step 1, 2 workers
     a = torch.load(tmp_path / "whole/model.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "resumed/model.pt", weights_only=False)["model"]
     assert any(k.startswith("teacher.") for k in a)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logged = [json.loads(x) for x in (tmp_path / "resumed/metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [1, 2, 3, 4]
+    assert all(m["distill_loss"] > 0 and m["clip_loss"] > 0 for m in logged)
     # The teacher trailed the student: neither equal to it nor to the initial weights.
     key = "clip.visual.conv1.weight"
     assert not torch.equal(a[f"student.{key}"], a[f"teacher.{key}"])
