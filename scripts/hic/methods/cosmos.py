@@ -199,7 +199,7 @@ class Tower(nn.Module):
     def __init__(self, clip: nn.Module, heads: int):
         super().__init__()
         self.clip = clip
-        dim = clip.text_projection.shape[-1]
+        dim = clip.visual.output_dim  # the joint embedding
         self.image_token_mapping = nn.Linear(clip.visual.transformer.width, dim)
         self.text_token_mapping = nn.Linear(clip.transformer.width, dim)
         self.image_cross = CrossAttention(dim, heads)  # image embeddings attend to text tokens
