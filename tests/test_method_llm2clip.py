@@ -159,6 +159,10 @@ def test_the_llm_attends_both_ways():
         ).last_hidden_state
     # Only the last word differs: the first tokens see it only with bidirectional attention.
     assert not torch.allclose(hidden[0, :3], hidden[1, :3])
+    # The embedding is the mean over the caption's tokens (embed_mask), not the prompt's.
+    with torch.no_grad():
+        pooled = model.encoder(ids[:1], a["mask"][None], a["embed"][None])
+    assert torch.allclose(pooled[0], hidden[0][a["embed"].bool()].mean(0), atol=1e-6)
 
 
 # ------------------------------------------------------------------ stage 1

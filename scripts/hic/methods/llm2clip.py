@@ -46,9 +46,11 @@ from hic.methods.base import Context, Method
 STAGES = ("caption_contrastive", "clip")
 TINY_LLM = "tiny-llama"
 # Meta-Llama-3-8B-Instruct's architecture (its config.json), so that the paper configuration
-# builds on the meta device with no download. Revision: the hub commit of that model's main.
+# builds on the meta device with no download.
 LLAMA3_8B = "meta-llama/Meta-Llama-3-8B-Instruct"
-LLAMA3_8B_REVISION = "8afb486c1db24fe5011ec46dfbe5b5dccdb575c2"
+# Hub commits used when a run names no llm_revision (this one: as seen in public cache paths
+# of that repository; not checked against the hub from here).
+PINNED_REVISIONS = {LLAMA3_8B: "8afb486c1db24fe5011ec46dfbe5b5dccdb575c2"}
 LLAMA3_8B_CONFIG = {
     "vocab_size": 128256,
     "hidden_size": 4096,
@@ -82,7 +84,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 class Options:
     stage: str = "clip"  # "caption_contrastive" (stage 1) or "clip" (stage 2)
     llm: str = LLAMA3_8B  # a hub id, a local directory, or "tiny-llama" (tests, demo)
-    llm_revision: str | None = LLAMA3_8B_REVISION
+    llm_revision: str | None = None  # None: PINNED_REVISIONS[llm]
     llm_dtype: str = "bfloat16"  # the LLM's weights (the paper's; tiny-llama is float32)
     llm_seed: int = 0  # tiny-llama's initialisation (it is rebuilt, never saved)
     llm_checkpoint: str | None = None  # stage 2: a stage-1 run's model.pt (its LoRA)
@@ -166,7 +168,7 @@ class LlmEncoder(nn.Module):
         super().__init__()
         llm.config.is_causal = False  # masks: transformers builds a bidirectional one
         for layer in llm.layers:
-            layer.self_attn.is_causal = False  # SDPA without a mask: not causal either
+            layer.self_attn.is_causal = False  # kernels given no mask (flash) read this
         self.llm = llm
         self.noise = Noise()
 
@@ -342,6 +344,7 @@ class LLM2CLIP(Method):
         ``self.tokenizer``."""
         o = self.options
         dtype = getattr(torch, o.llm_dtype)
+        revision = o.llm_revision or PINNED_REVISIONS.get(o.llm)
         if o.llm == TINY_LLM:  # float32: a CPU stand-in whose runs must repeat exactly
             self.tokenizer = tiny_tokenizer()
             config = tiny_llama_config(self.tokenizer)
@@ -355,13 +358,13 @@ class LLM2CLIP(Method):
             if config is None:
                 from transformers import AutoConfig
 
-                config = AutoConfig.from_pretrained(o.llm, revision=o.llm_revision)
+                config = AutoConfig.from_pretrained(o.llm, revision=revision)
             with torch.device(device):
                 return LlamaModel(config).to(dtype)
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(o.llm, revision=o.llm_revision)
-        llm = LlamaModel.from_pretrained(o.llm, revision=o.llm_revision, dtype=dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(o.llm, revision=revision)
+        llm = LlamaModel.from_pretrained(o.llm, revision=revision, dtype=dtype)
         return llm.to(device)
 
     def _merge_stage1(self, encoder: LlmEncoder, path: Path, device) -> None:
