@@ -316,3 +316,5 @@ def test_the_paper_configuration_builds_on_the_meta_device():
     adapter = 4 * (2 * 4096 * 8192 + 8192 + 4096 + 2 * 4096) + 2 * 4096 + 4096 * 1280 + 1280
     vision = 303_966_208 - 1024 * 768 + 1024 * 1280  # open_clip ViT-L/14, new 1280-d head
     assert stage2["trainable"] == adapter + vision + 1  # + the temperature
+    eva = method_for(TrainSettings(**{**paper, "arch": "EVA02-L-14"})).build("meta", False)
+    assert eva.visual.trunk.head.out_features == 1280

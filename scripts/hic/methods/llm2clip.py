@@ -310,6 +310,24 @@ def tiny_llama_config(tokenizer) -> LlamaConfig:
     )
 
 
+def new_projection(visual: nn.Module, dim: int) -> nn.Module:
+    """The vision tower with a new, randomly initialised projection to ``dim`` (the repo drops
+    the pretrained head, ``visual.head``): open_clip's ViT (OpenAI's) or a timm tower whose
+    trunk's head projects (EVA02)."""
+    proj = getattr(visual, "proj", None)
+    if isinstance(proj, nn.Parameter):
+        width = proj.shape[0]
+        visual.proj = nn.Parameter(width**-0.5 * torch.randn(width, dim, device=proj.device))
+        visual.output_dim = dim
+        return visual
+    head = getattr(getattr(visual, "trunk", None), "head", None)
+    if isinstance(head, nn.Linear):
+        kw = {"bias": head.bias is not None, "device": head.weight.device}
+        visual.trunk.head = nn.Linear(head.in_features, dim, **kw)
+        return visual
+    raise ValueError(f"llm2clip cannot find the projection of a {type(visual).__name__} tower")
+
+
 class LLM2CLIP(Method):
     name = "llm2clip"
     Options = Options
@@ -329,11 +347,7 @@ class LLM2CLIP(Method):
         clip, self.train_transform, self.eval_transform = open_clip.create_model_and_transforms(
             s.arch, pretrained=s.pretrained if pretrained else None, device=device
         )
-        visual = clip.visual
-        # A new projection to the joint space (the repo drops the pretrained head).
-        width = visual.proj.shape[0]
-        visual.proj = nn.Parameter(width**-0.5 * torch.randn(width, o.embed_dim, device=device))
-        visual.output_dim = o.embed_dim
+        visual = new_projection(clip.visual, o.embed_dim)
         adapter = text_adapter(
             encoder.llm.config.hidden_size, o.embed_dim, o.adapter_layers, o.adapter_expansion
         ).to(device)
