@@ -145,9 +145,16 @@ CLASSIFICATION = {
     for n, s in enabled(config["benchmarks"]["classification"]).items()
     if DEMO or not from_demo(s)
 }
+# Runs that make a model to benchmark: not LLM2CLIP's first stage, which trains its LLM as a
+# caption encoder for the second.
+EVALUATED_RUNS = [
+    name
+    for name, run in CLIP_RUNS.items()
+    if ((run or {}).get("options") or {}).get("stage") != "caption_contrastive"
+]
 EVALUATIONS = expand(
     "results/eval/{run}/{benchmark}.json",
-    run=CLIP_RUNS,
+    run=EVALUATED_RUNS,
     benchmark=[*RETRIEVAL, *CLASSIFICATION],
 )
 
@@ -161,11 +168,12 @@ def clip_settings(wildcards):
 
 
 def clip_models(wildcards):
-    """Local model folders a run's method options name (the demo's tiny LLMs): built by
-    build_tiny_model before training."""
+    """Workflow outputs a run's method options name: the demo's tiny LLMs (built by
+    build_tiny_model) and earlier runs' models (LLM2CLIP's stage 1 for its stage 2)."""
     run = {**config["clip"]["defaults"], **CLIP_RUNS[wildcards.run]}
     options = run.get("options") or {}
-    return [v for v in options.values() if isinstance(v, str) and v.startswith("resources/models/")]
+    made = ("resources/models/", "results/clip/")
+    return [v for v in options.values() if isinstance(v, str) and v.startswith(made)]
 
 
 def clip_rows():
@@ -174,6 +182,7 @@ def clip_rows():
     return {
         name: {k: v for k, v in {**config["clip"]["defaults"], **run}.items() if k in keys}
         for name, run in CLIP_RUNS.items()
+        if name in EVALUATED_RUNS
     }
 
 

@@ -29,7 +29,11 @@ ranks = max(1, int(snakemake.resources.get("gpu", 0) or 0))  # one process per G
 # Each rank's share of the job's cores: one trains (one torch thread: more threads than free
 # cores only spin), the others decode in DataLoader workers.
 job = {
-    "data_id": input_identity([*inp.tars, *inp.status, *inp.annotations], snakemake.params.code),
+    # The models a method's options name (LLM2CLIP's stage 1) are data too: a retrained one
+    # must not be resumed over.
+    "data_id": input_identity(
+        [*inp.tars, *inp.status, *inp.annotations, *inp.models], snakemake.params.code
+    ),
     "workers": max(1, snakemake.threads // ranks) - 1,
 }
 if ranks > 1:  # as open_clip_train runs: torchrun, DDP

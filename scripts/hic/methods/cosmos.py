@@ -271,6 +271,7 @@ def mean_clip_loss(loss_fn, a: torch.Tensor, b: torch.Tensor, n_a, n_b, scale) -
 
 class Cosmos(Method):
     name = "cosmos"
+    adam_eps = 1e-8  # src/train_*.sh; betas 0.9/0.98 as open_clip_train's
     Options = CosmosOptions
 
     def build(self, device="cpu", pretrained=True):
