@@ -36,20 +36,32 @@ from hic.methods.base import parameter_counts  # noqa: E402
 from hic.train_clip import TrainSettings, pair_shards, train  # noqa: E402
 
 # Published parameter counts (millions) of each method's paper model, with their sources.
-PUBLISHED: dict[str, tuple[str, str]] = {}
+PUBLISHED = {
+    "longclip": ("~150 (ViT-B/16 149.6 + 171 positions)", "open_clip's ViT-B-16 profile"),
+    "flair": ("150", 'FLAIR README: "150M vs 149M", +1M attention pooling'),
+    "cosmos": ("?", "no figure found in the COSMOS README or scripts"),
+    "flame": ("12,000 frozen (Mistral-Nemo 12B) + ViT-B/16", "Mistral-Nemo model card"),
+    "llm2clip": ("8,030 frozen (Llama-3-8B) + ViT-L/14 304", "Meta Llama 3 card; open_clip"),
+}
 
 
-def run_settings(config: dict, method: str) -> dict | None:
-    """The first run of ``method`` in a config: clip.defaults overlaid with the run's keys."""
+def method_runs(config: dict, method: str) -> dict[str, dict]:
+    """The first run of each stage of ``method`` in a config (LLM2CLIP has two), by label:
+    clip.defaults overlaid with the run's keys. A stage-2 run's stage-1 checkpoint is dropped
+    (its LLM is used as built: the same cost)."""
     defaults = config["clip"].get("defaults") or {}
+    found: dict[str, dict] = {}
     for run in (config["clip"].get("runs") or {}).values():
-        if run and run.get("method", defaults.get("method", "clip")) == method:
-            merged = {**defaults, **run}
-            return {k: v for k, v in merged.items() if k not in ("annotations", "label")}
-    return None
+        if not run or run.get("method", defaults.get("method", "clip")) != method:
+            continue
+        merged = {k: v for k, v in {**defaults, **run}.items() if k not in ("annotations", "label")}
+        options = {k: v for k, v in (merged.get("options") or {}).items() if k != "llm_checkpoint"}
+        label = method + (f" ({options['stage']})" if "stage" in options else "")
+        found.setdefault(label, {**merged, "options": options})
+    return found
 
 
-def throughput(method: str, settings: dict, data, steps: int, work: Path) -> float:
+def throughput(settings: dict, data, steps: int, work: Path) -> float:
     tars, ref = data
     settings = TrainSettings(**{**settings, "policy": "hierarchical", "epochs": 100})
     started = time.perf_counter()
@@ -67,43 +79,40 @@ def main() -> None:
     torch.set_num_threads(1)
     demo = yaml.safe_load((REPO / "config.yaml").read_text())
     paper = yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())
-    clip = run_settings(demo, "clip")
+    clip = method_runs(demo, "clip")["clip"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tars, ref, _ = write_data(tmp, args.images, 4)
         print(f"{args.images} demo images, {args.steps} steps a run, best of {args.repeats}")
-        print(f"{'method':10} {'samples/s':>10} {'clip':>8} {'ratio':>6}  tiny params")
+        print(f"{'method':32} {'samples/s':>10} {'clip':>8} {'ratio':>6}  tiny params")
         for method in args.methods:
-            settings = run_settings(demo, method)
-            if settings is None:
+            runs = method_runs(demo, method)
+            if not runs:
                 print(f"{method:10} no run in config.yaml")
-                continue
-            # The baseline at the method's batch size: samples/s depend on it.
-            base = {**clip, "batch_size": settings.get("batch_size", clip["batch_size"])}
-            best = {"clip": 0.0, method: 0.0}
-            for repeat in range(args.repeats):
-                for name, s in (("clip", base), (method, settings)):
-                    rate = throughput(name, s, (tars, ref), args.steps, tmp / f"{name}{repeat}")
-                    best[name] = max(best[name], rate)
-            counts = parameter_counts(method_for(TrainSettings(**settings)).build("cpu"))
-            print(
-                f"{method:10} {best[method]:10.1f} {best['clip']:8.1f} "
-                f"{best[method] / best['clip']:6.2f}  "
-                f"{counts['trainable'] / 1e6:.2f}M trainable, {counts['frozen'] / 1e6:.2f}M frozen"
-            )
+            for label, settings in runs.items():
+                # The baseline at the method's batch size: samples/s depend on it.
+                base = {**clip, "batch_size": settings.get("batch_size", clip["batch_size"])}
+                best = {"clip": 0.0, label: 0.0}
+                for repeat in range(args.repeats):
+                    for name, s in (("clip", base), (label, settings)):
+                        out = tmp / f"{name}{repeat}".replace(" ", "_")
+                        best[name] = max(best[name], throughput(s, (tars, ref), args.steps, out))
+                counts = parameter_counts(method_for(TrainSettings(**settings)).build("cpu"))
+                print(
+                    f"{label:32} {best[label]:10.1f} {best['clip']:8.1f} "
+                    f"{best[label] / best['clip']:6.2f}  {counts['trainable'] / 1e6:.2f}M "
+                    f"trainable, {counts['frozen'] / 1e6:.2f}M frozen"
+                )
     print("\npaper configuration, built on the meta device (millions of parameters)")
     for method in args.methods:
-        settings = run_settings(paper, method)
-        if settings is None:
-            print(f"{method:10} no run in configs/paper.yaml")
-            continue
-        model = method_for(TrainSettings(**settings)).build("meta", pretrained=False)
-        counts = parameter_counts(model)
-        published, source = PUBLISHED.get(method, ("?", "no published figure found"))
-        print(
-            f"{method:10} {counts['trainable'] / 1e6:9.1f} trainable {counts['frozen'] / 1e6:9.1f}"
-            f" frozen; published {published} ({source})"
-        )
+        for label, settings in method_runs(paper, method).items():
+            model = method_for(TrainSettings(**settings)).build("meta", pretrained=False)
+            counts = parameter_counts(model)
+            published, source = PUBLISHED.get(method, ("?", "no published figure found"))
+            print(
+                f"{label:32} {counts['trainable'] / 1e6:9.1f} trainable "
+                f"{counts['frozen'] / 1e6:9.1f} frozen; published {published} ({source})"
+            )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,26 @@ propose_regions: {settings: {batch_size: 4}}
 verify_labels: {batch_size: 4}
 caption_regions: {batch_size: 4}
 refine_regions: {batch_size: 4}
-clip: {defaults: {epochs: 2, batch_size: 8, warmup: 2}}
+clip:
+  defaults: {epochs: 2, batch_size: 8, warmup: 2}
+  # Two baselines stand for all (each method's own tests train, resume and evaluate it):
+  # FLAIR's text-conditioned scoring, and LLM2CLIP's second stage built on its first.
+  runs:
+    flair_hierarchical: {epochs: 2}
+    llm2clip_llm_hierarchical: {epochs: 1}
+    llm2clip_hierarchical: {epochs: 2}
+    longclip_alt_text: null
+    longclip_hierarchical: null
+    flair_alt_text: null
+    cosmos_alt_text: null
+    cosmos_hierarchical: null
+    flame_alt_text: null
+    flame_hierarchical: null
+    llm2clip_llm_alt_text: null
+    llm2clip_alt_text: null
 """
+# The tiny run's CLIP runs that are benchmarked (LLM2CLIP's first stage is not).
+EVALUATED = ["alt_text", "hierarchical", "pipeline", "flair_hierarchical", "llm2clip_hierarchical"]
 
 
 def test_lint_is_clean():
@@ -68,7 +86,10 @@ def test_paper_config_builds_its_dag_without_reading_the_lists(workflow):
     )
     jobs = planned_jobs(workflow, "--configfile", "configs/paper.yaml")
     assert jobs["download"] == 1200 and jobs["shard_urls"] == 1 and jobs["stats"] == 1
-    assert jobs["train_clip"] == 2 and jobs["evaluate"] == 2 * 5 and jobs["tables"] == 1
+    # clip, then five baselines (LLM2CLIP in two stages), on alt-text and on hierarchical
+    # captions; every run but LLM2CLIP's first stages on 5 benchmarks.
+    assert jobs["train_clip"] == 2 + 6 * 2 and jobs["evaluate"] == (2 + 5 * 2) * 5
+    assert jobs["tables"] == 1
     assert "demo_world" not in jobs
 
 
@@ -274,15 +295,17 @@ def test_changing_a_download_setting_reruns_download_and_downstream(tiny_run):
         **dict.fromkeys(per_shard, 3),
         "stats": 1,
         **GLOBAL_AFTER_REGIONS,
-        "train_clip": 3,
-        "evaluate": 6,
+        "train_clip": 6,  # every run: each reads the download tars
+        "evaluate": 2 * len(EVALUATED),
     }
 
 
 def test_changing_a_training_parameter_reruns_training_evaluation_and_tables(tiny_run):
     (tiny_run / "lr.yaml").write_text("clip: {defaults: {lr: 0.001}}\n")
     jobs = planned_jobs(tiny_run, "--configfile", "tiny.yaml", "lr.yaml")
-    assert jobs == {"train_clip": 3, "evaluate": 6, "tables": 1, "all": 1}
+    # Not LLM2CLIP's first stage, which sets its own learning rate (and whose model, an input
+    # of the second stage, is then not rewritten).
+    assert jobs == {"train_clip": 5, "evaluate": 2 * len(EVALUATED), "tables": 1, "all": 1}
 
 
 def test_changing_a_selection_setting_reruns_from_selection_on(tiny_run):
@@ -306,7 +329,7 @@ def test_tiny_run_captions_every_downloaded_image(tiny_run):
 
 
 def test_tiny_run_trains_evaluates_and_tables_every_run(tiny_run):
-    for run in ["alt_text", "hierarchical", "pipeline"]:
+    for run in EVALUATED:
         steps = [
             json.loads(line)
             for line in (tiny_run / f"results/clip/{run}/metrics.jsonl").read_text().splitlines()
@@ -316,12 +339,22 @@ def test_tiny_run_trains_evaluates_and_tables_every_run(tiny_run):
         for name, task in [("demo", "retrieval"), ("demo_classify", "classification")]:
             result = json.loads((tiny_run / f"results/eval/{run}/{name}.json").read_text())
             assert result["task"] == task and result["model"]["epochs"] == 2
+            assert result["protocol"]["method"] == result["model"]["method"]
+    assert not (tiny_run / "results/eval/llm2clip_llm_hierarchical").exists()
     hierarchical = (tiny_run / "results/clip/hierarchical/metrics.jsonl").read_text()
     assert len(hierarchical.splitlines()) == 2 * (36 // 8)  # every reference image is used
     assert result["n"] == 18 * 2  # classification images: 18 classes x 2
     table = (tiny_run / "results/tables/retrieval.md").read_text()
-    for run in ["alt_text", "hierarchical", "pipeline"]:
-        assert run in table
+    for method, data in [
+        ("clip", "alt-text"),
+        ("clip", "HIC captions (reference)"),
+        ("clip", "HIC captions (this pipeline)"),
+        ("flair", "HIC captions (reference)"),
+        ("llm2clip", "HIC captions (reference)"),
+        ("llm2clip", "(published)"),  # from data/reference_results.csv
+    ]:
+        assert any(f"| {method} " in line and data in line for line in table.splitlines()), data
+    assert "urban1k I→T" in table  # the paper's benchmark, with published numbers only
     assert "I→T" in table and (tiny_run / "results/tables/retrieval.tex").exists()
 
 
@@ -451,7 +484,7 @@ def test_a_killed_run_resumes_to_the_same_results_in_another_folder(tiny_run, tm
         assert json.loads((wf / path.relative_to(tiny_run)).read_text()) == json.loads(
             path.read_text()
         )
-    for run in ["alt_text", "hierarchical", "pipeline"]:
+    for run in [*EVALUATED, "llm2clip_llm_hierarchical"]:
         metrics = f"results/clip/{run}/metrics.jsonl"
         assert training_curve(wf / metrics) == training_curve(tiny_run / metrics)
 
