@@ -403,6 +403,13 @@ AGAINST_REFERENCE = {
             "precision": 0.6667,
             "label_accuracy": 0.25,
         },
+        "foreground": {
+            "reference": 18,
+            "predicted": 30,
+            "recall": 1.0,
+            "precision": 0.6,
+            "label_accuracy": 0.25,
+        },
         "background": {
             "reference": 22,
             "predicted": 0,
@@ -422,7 +429,9 @@ AGAINST_REFERENCE = {
 
 
 def test_dataset_card_gives_the_figures_against_the_reference():
-    card = dataset_card(SUMMARY | {"against_reference": AGAINST_REFERENCE}, PAPER)
+    # as dataset_stats writes it: keys sorted
+    figures = json.loads(json.dumps(AGAINST_REFERENCE, sort_keys=True))
+    card = dataset_card(SUMMARY | {"against_reference": figures}, PAPER)
     section = card.split("## Measured against the reference annotations\n", 1)[1]
     section = section.split("\n## ", 1)[0]
     for text in [
@@ -435,6 +444,9 @@ def test_dataset_card_gives_the_figures_against_the_reference():
         "(the reference's own short captions: 0.700 and 0.700)",
     ]:
         assert text in section, text
+    # in the table's order, whatever the JSON's key order
+    rows = [line.split(" | ")[0] for line in section.splitlines() if line.startswith("| ")]
+    assert rows[2:] == ["| all", "| foreground", "| background"]
 
 
 def test_dataset_card_gives_the_papers_terms():

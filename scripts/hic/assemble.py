@@ -366,6 +366,9 @@ def _counts_text(counts: dict[str, int], shares: bool = False) -> str:
     )
 
 
+_SCOPE_ORDER = ("all", "foreground", "background")
+
+
 def _figure(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -389,7 +392,10 @@ def _reference_lines(scores: dict | None) -> list[str]:
         *(
             f"| {scope} | {r['reference']} | {r['predicted']} | {_figure(r['recall'])} "
             f"| {_figure(r['precision'])} | {_figure(r['label_accuracy'])} |"
-            for scope, r in scores["regions"].items()
+            # the JSON's keys are sorted; the card keeps the table's order
+            for scope, r in sorted(
+                scores["regions"].items(), key=lambda kv: _SCOPE_ORDER.index(kv[0])
+            )
         ),
         "",
         f"Short scene captions: {_figure(scene['ok_share'])} of the images have an ok one; in "
