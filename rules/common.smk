@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
 from hic.codebase import code_fingerprint
-from hic.demo_world import planned_url_rows
+from hic.demo_world import COLOURS, planned_url_rows
 from hic.digests import cached_digest
 from snakemake.exceptions import WorkflowError
 from hic.shard_urls import count_rows, shard_count, shard_name
@@ -84,6 +84,12 @@ def vlm_env():
 def demo_reference():
     """The demo world's reference annotations, for region recall, when the demo is the input."""
     return ["results/demo/reference.parquet"] if DEMO else []
+
+
+def demo_colours():
+    """The demo world's colour names: dataset_stats finds a reference object's colour in its
+    region caption by them."""
+    return sorted(COLOURS) if DEMO else []
 
 
 def demo_release():

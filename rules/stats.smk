@@ -41,6 +41,7 @@ rule dataset_stats:
         quantiles=lookup(dpath="stats/quantiles", within=config),
         top_labels=lookup(dpath="stats/top_labels", within=config),
         region_iou=lookup(dpath="stats/region_iou", within=config),
+        colours=demo_colours(),
     log:
         "results/logs/dataset_stats.log",
     benchmark:

@@ -2,9 +2,9 @@ import json
 from pathlib import Path
 
 from hic.dataset_stats import (
+    against_reference,
     dataset_stats,
     plot_dataset,
-    region_recall,
     summary_dict,
     summary_markdown,
 )
@@ -14,9 +14,12 @@ log = to_log(snakemake.log[0])
 inp, params, out = snakemake.input, snakemake.params, snakemake.output
 summaries = [Path(p) for p in inp.summaries]
 tables = dataset_stats(summaries, quantiles=params.quantiles, top_labels=params.top_labels)
-if inp.reference:
-    tables["region_recall"] = region_recall(
-        [Path(p) for p in inp.release], Path(inp.reference[0]), params.region_iou
+if inp.reference:  # the demo world
+    tables |= against_reference(
+        [Path(p) for p in inp.release],
+        Path(inp.reference[0]),
+        iou_threshold=params.region_iou,
+        colours=set(params.colours),
     )
 folder = Path(out.tables)
 folder.mkdir(parents=True, exist_ok=True)

@@ -376,8 +376,9 @@ def test_dataset_card_front_matter_counts_and_models():
         "Images: 12345",
         "Regions: 40000 (3.24 per image; 17 images without regions)",
         "812 distinct labels",
-        "accurate: 31000, corrected: 8000, unparsed: 1000",
-        "llm: 39000, fallback: 900, failed: 100",
+        "accurate: 31000 (77.5%), corrected: 8000 (20.0%), unparsed: 1000 (2.5%)",
+        "llm: 39000 (97.5%), fallback: 900 (2.2%), failed: 100 (0.2%)",
+        "ok: 12000 (97.2%), unparsed: 345 (2.8%)",
         "| vlm | `Qwen/Qwen2.5-VL-7B-Instruct` | cc594898 |",
         "`242f25ffb505c626`",
         '"prompt_hash": "9f9f"',
@@ -387,6 +388,65 @@ def test_dataset_card_front_matter_counts_and_models():
     for name in RELEASE_SCHEMA.names + ["regions[].label_source"]:
         assert f"`{name}`" in card, name
     assert "Noise, not captions" not in card
+    assert "Measured against the reference" not in card  # no reference annotations
+
+
+AGAINST_REFERENCE = {
+    "iou_threshold": 0.5,
+    "images": 11,
+    "missing_images": 1,
+    "regions": {
+        "all": {
+            "reference": 40,
+            "predicted": 30,
+            "recall": 0.5,
+            "precision": 0.6667,
+            "label_accuracy": 0.25,
+        },
+        "foreground": {
+            "reference": 18,
+            "predicted": 30,
+            "recall": 1.0,
+            "precision": 0.6,
+            "label_accuracy": 0.25,
+        },
+        "background": {
+            "reference": 22,
+            "predicted": 0,
+            "recall": 0.0,
+            "precision": None,
+            "label_accuracy": None,
+        },
+    },
+    "scene_captions": {
+        "ok_share": 0.9,
+        "name_share": 0.8125,
+        "colour_share": 0.4,
+        "name_share_reference": 0.7,
+        "colour_share_reference": 0.7,
+    },
+}
+
+
+def test_dataset_card_gives_the_figures_against_the_reference():
+    # as dataset_stats writes it: keys sorted
+    figures = json.loads(json.dumps(AGAINST_REFERENCE, sort_keys=True))
+    card = dataset_card(SUMMARY | {"against_reference": figures}, PAPER)
+    section = card.split("## Measured against the reference annotations\n", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    for text in [
+        "On 11 images with reference annotations (1 missing from this release)",
+        "IoU >= 0.5",
+        "| all | 40 | 30 | 0.500 | 0.667 | 0.250 |",
+        "| background | 22 | 0 | 0.000 | n/a | n/a |",
+        "0.900 of the images have an ok one",
+        "0.812 of the reference's objects are named and 0.400 have their colour named",
+        "(the reference's own short captions: 0.700 and 0.700)",
+    ]:
+        assert text in section, text
+    # in the table's order, whatever the JSON's key order
+    rows = [line.split(" | ")[0] for line in section.splitlines() if line.startswith("| ")]
+    assert rows[2:] == ["| all", "| foreground", "| background"]
 
 
 def test_dataset_card_gives_the_papers_terms():

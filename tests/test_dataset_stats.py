@@ -9,9 +9,14 @@ import pytest
 
 from hic.assemble import RELEASE_SCHEMA, release_summary
 from hic.dataset_stats import (
+    against_reference,
     dataset_stats,
+    mentions,
+    object_colour,
     plot_dataset,
-    region_recall,
+    scene_caption_scores,
+    score_regions,
+    stage_outcomes,
     summary_dict,
     summary_markdown,
 )
@@ -83,7 +88,7 @@ def files(tmp_path):
                     4,
                     20,
                 ),
-                row("b", [], 0, 0, status="unparsed"),
+                {**row("b", [], 0, 0, status="unparsed"), "regions_note": "no proposal"},
             ],
         ),
         write(
@@ -184,20 +189,166 @@ def test_summary_dict_is_json_and_markdown_and_plot(tables, tmp_path):
     ]
     text = summary_markdown(tables)
     assert "Images: 4; regions: 6 (1.50 per image, 1 images without)" in text
-    assert "## Label verification outcomes" in text
+    assert "## Outcomes per stage" in text
+    assert "Against the reference" not in text  # no reference annotations given
+    assert summary["against_reference"] is None
     plot_dataset(tables, tmp_path / "dataset.png")
     assert (tmp_path / "dataset.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def reference_row(key, regions):
-    return {"key": key, "width": 100, "height": 100, "regions": regions, "source": "demo"}
+def test_stage_outcomes_count_and_share_each_status_column(tables):
+    outcomes = stage_outcomes(tables)
+    got = {(r["stage"], r["outcome"]): (r["count"], r["share"]) for r in records(outcomes)}
+    assert got == {
+        ("caption_scene", "ok"): (3, 0.75),
+        ("caption_scene", "unparsed"): (1, 0.25),
+        ("propose_select_regions", "has regions"): (3, 0.75),
+        ("propose_select_regions", "no proposal"): (1, 0.25),
+        ("verify_labels", "accurate"): (4, 0.6667),
+        ("verify_labels", "corrected"): (1, 0.1667),
+        ("verify_labels", "unparsed"): (1, 0.1667),
+        ("refine_regions", "llm"): (4, 0.6667),
+        ("refine_regions", "failed"): (1, 0.1667),
+        ("refine_regions", "fallback"): (1, 0.1667),
+    }
+    assert set(zip(outcomes["stage"], outcomes["unit"], strict=True)) == {
+        ("caption_scene", "images"),
+        ("propose_select_regions", "images"),
+        ("verify_labels", "regions"),
+        ("refine_regions", "regions"),
+    }
+    status = json.loads(json.dumps(summary_dict(tables)))["stage_status"]
+    assert status["verify_labels"]["rows"] == 6
+    assert status["verify_labels"]["counts"] == {"accurate": 4, "corrected": 1, "unparsed": 1}
+    assert status["caption_scene"]["shares"] == {"ok": 0.75, "unparsed": 0.25}
+    assert status["refine_regions"]["column"] == "regions[].caption_source"
+
+
+# ------------------------------------------------------------ against reference annotations
+def box(x, y, w=10.0, h=10.0):
+    return [float(x), float(y), float(w), float(h)]
+
+
+def test_score_regions_recall_precision_and_label_accuracy_per_scope():
+    truth = [
+        reg("dog", bbox=box(0, 0)),
+        reg("cat", bbox=box(50, 50)),
+        reg("sky", "background", bbox=box(0, 0, 100, 40)),
+        reg("grass", "background", bbox=box(0, 60, 100, 40)),
+    ]
+    predicted = [
+        reg(" Dog ", bbox=box(0, 0)),  # matched, label right after normalisation
+        reg("wolf", bbox=box(51, 50)),  # matched the cat (IoU 0.82), label wrong
+        reg("tree", bbox=box(80, 0)),  # no box there: a false positive
+        reg("SKY", "background", bbox=box(0, 0, 100, 40)),  # matched, right
+        # a foreground box on the grass band: matches it only when kinds are pooled
+        reg("field", bbox=box(0, 60, 100, 40)),
+    ]
+    result = by_scope(score_regions([(predicted, truth)]))
+    fg, bg, pooled = result["foreground"], result["background"], result["all"]
+    assert (fg["reference"], fg["predicted"], fg["matched"]) == (2, 4, 2)
+    assert (fg["recall"], fg["precision"]) == (1.0, 0.5)
+    assert (fg["labels_correct"], fg["label_accuracy"]) == (1, 0.5)
+    assert (bg["reference"], bg["predicted"], bg["matched"]) == (2, 1, 1)
+    assert (bg["recall"], bg["precision"], bg["label_accuracy"]) == (0.5, 1.0, 1.0)
+    assert (pooled["reference"], pooled["predicted"], pooled["matched"]) == (4, 5, 4)
+    assert (pooled["recall"], pooled["precision"]) == (1.0, 0.8)
+    assert (pooled["labels_correct"], pooled["label_accuracy"]) == (2, 0.5)  # field != grass
+
+
+def test_score_regions_counts_a_missing_image_as_missed_and_empty_ratios_as_none():
+    truth = [reg("dog", bbox=box(0, 0))]
+    result = by_scope(score_regions([(None, truth), ([], [])]))
+    assert result["all"]["images"] == 2 and result["all"]["missing_images"] == 1
+    assert (result["all"]["recall"], result["all"]["precision"]) == (0.0, None)
+    assert pd.isna(result["all"]["label_accuracy"])  # nothing matched
+    assert pd.isna(result["background"]["recall"])  # no background reference at all
+
+
+def test_mentions_matches_whole_words_and_plurals():
+    text = "Purple cup, two brown Umbrellas and three boxes near ice creams."
+    assert mentions(text, "cup") and mentions(text, "umbrella") and mentions(text, "box")
+    assert mentions(text, "purple") and mentions(text, "brown")
+    assert mentions(text, "ice cream") and mentions(text, "Ice  Cream")
+    assert mentions("two butterflies", "butterfly")
+    assert not mentions("a cupboard", "cup")  # not inside a longer word
+    assert not mentions(text, "cream ice")  # words in order
+    assert not mentions(text, "red")
+    assert not mentions(text, "")
+
+
+def test_object_colour_is_the_first_colour_word_of_the_region_caption():
+    colours = {"red", "blue", "white"}
+    caption = "A small red ball, round, in the center, set against the blue sky."
+    assert object_colour(caption, colours) == "red"
+    assert object_colour("A large White kite.", colours) == "white"
+    assert object_colour("A small ball.", colours) is None
+    assert object_colour(None, colours) is None
+
+
+COLOURS = {"red", "green", "blue", "yellow"}
+
+
+def obj(label, colour, bbox=None):
+    return reg(label, bbox=bbox) | {"caption": f"A small {colour} {label}, round, in the center."}
+
+
+def reference_row(key, regions, short="Red ball on grass."):
+    return {
+        "key": key,
+        "width": 100,
+        "height": 100,
+        "short_caption": short,
+        "regions": regions,
+        "source": "demo",
+    }
+
+
+def scene_row(short, status="ok"):
+    return {"short_caption": short, "scene_status": status}
+
+
+SCENE_REF = reference_row(
+    "a",
+    [
+        obj("ball", "red"),
+        obj("box", "green"),
+        obj("star", "yellow"),
+        reg("grass", "background") | {"caption": "Green grass, covering the bottom 40%."},
+    ],
+    short="Red ball, green box and yellow star on grass.",
+)
+
+
+def test_scene_caption_scores_over_images_with_an_ok_caption():
+    images = [
+        # names the ball and the box (plural), and the ball's colour; blue is nobody's colour
+        (scene_row("Red ball and blue boxes on grass."), SCENE_REF),
+        # not ok: its objects count nowhere
+        (scene_row(None, "unparsed"), reference_row("b", [obj("car", "blue")])),
+        (scene_row("Blue car on sand.", "truncated"), reference_row("c", [obj("car", "blue")])),
+        (None, reference_row("d", [obj("car", "red")])),  # missing from the release
+    ]
+    scores = records(scene_caption_scores(images, COLOURS))[0]
+    assert (scores["images"], scores["ok_captions"], scores["ok_share"]) == (4, 1, 0.25)
+    assert (scores["objects"], scores["objects_named"], scores["colours_named"]) == (3, 2, 1)
+    assert scores["name_share"] == pytest.approx(2 / 3)
+    assert scores["colour_share"] == pytest.approx(1 / 3)
+    # the reference's own short caption names all three and their colours
+    assert (scores["name_share_reference"], scores["colour_share_reference"]) == (1.0, 1.0)
+
+
+def test_scene_caption_scores_without_ok_captions_give_none():
+    scores = records(scene_caption_scores([(None, SCENE_REF)], COLOURS))[0]
+    assert (scores["ok_captions"], scores["ok_share"], scores["objects"]) == (0, 0.0, 0)
+    assert pd.isna(scores["name_share"]) and pd.isna(scores["colour_share"])
 
 
 # Image "a": 3 reference boxes; the release finds both objects (one exactly, one shifted with
 # IoU 0.82) and puts its background box in the wrong place: 2 of 3 matched, 1 extra prediction.
 REF_A = [
-    reg("dog", bbox=[0.0, 0.0, 10.0, 10.0]),
-    reg("cat", bbox=[50.0, 50.0, 10.0, 10.0]),
+    obj("dog", "red", bbox=[0.0, 0.0, 10.0, 10.0]),
+    obj("cat", "green", bbox=[50.0, 50.0, 10.0, 10.0]),
     reg("sky", "background", bbox=[0.0, 80.0, 100.0, 20.0]),
 ]
 PRED_A = [
@@ -210,7 +361,10 @@ PRED_A = [
 @pytest.fixture
 def release(tmp_path):
     return [
-        write(tmp_path / "r0.parquet", [row("a", PRED_A, 3, 10)]),
+        write(
+            tmp_path / "r0.parquet",
+            [row("a", PRED_A, 3, 10) | {"short_caption": "A red dog beside two cats."}],
+        ),
         # no reference for "x": ignored, its boxes count nowhere
         write(tmp_path / "r1.parquet", [row("x", [reg("dog")] * 2, 3, 10)]),
     ]
@@ -220,9 +374,14 @@ def by_scope(df):
     return {r["scope"]: r for r in records(df)}
 
 
-def test_region_recall_on_one_image(release, tmp_path):
+def score(release, ref, iou_threshold=0.5):
+    return against_reference(release, ref, iou_threshold=iou_threshold, colours=COLOURS)
+
+
+def test_against_reference_reads_release_and_reference(release, tmp_path):
     ref = write(tmp_path / "ref.parquet", [reference_row("a", REF_A)], REFERENCE_SCHEMA)
-    result = by_scope(region_recall(release, ref))
+    scores = score(release, ref)
+    result = by_scope(scores["region_recall"])
     assert (result["all"]["matched"], result["all"]["predicted"], result["all"]["reference"]) == (
         2,
         3,
@@ -231,26 +390,58 @@ def test_region_recall_on_one_image(release, tmp_path):
     assert result["all"]["recall"] == pytest.approx(2 / 3)
     assert result["all"]["precision"] == pytest.approx(2 / 3)
     assert (result["foreground"]["recall"], result["foreground"]["precision"]) == (1.0, 1.0)
+    assert (result["background"]["recall"], result["background"]["precision"]) == (0.0, 0.0)
+    assert result["foreground"]["label_accuracy"] == 1.0
+    scene = records(scores["scene_captions"])[0]
+    assert (scene["ok_captions"], scene["objects"], scene["objects_named"]) == (1, 2, 2)
+    assert scene["colours_named"] == 1  # red, not green
 
 
-def test_region_recall_counts_images_missing_from_release_as_missed(release, tmp_path):
-    missing = reference_row("m", [reg("boat", bbox=[0.0, 0.0, 20.0, 20.0])])
+def test_against_reference_counts_images_missing_from_release_as_missed(release, tmp_path):
+    missing = reference_row("m", [obj("boat", "blue", bbox=[0.0, 0.0, 20.0, 20.0])])
     ref = write(tmp_path / "ref.parquet", [reference_row("a", REF_A), missing], REFERENCE_SCHEMA)
-    result = by_scope(region_recall(release, ref))
+    result = by_scope(score(release, ref)["region_recall"])
     assert result["all"]["images"] == 2 and result["all"]["missing_images"] == 1
     assert result["all"]["recall"] == pytest.approx(2 / 4)
     assert result["all"]["precision"] == pytest.approx(2 / 3)
     assert result["foreground"]["recall"] == pytest.approx(2 / 3)
     assert result["foreground"]["precision"] == 1.0
-    strict = by_scope(region_recall(release, ref, iou_threshold=0.9))
+    strict = by_scope(score(release, ref, iou_threshold=0.9)["region_recall"])
     assert strict["all"]["matched"] == 1  # the shifted box (IoU 0.82) no longer matches
+    assert records(score(release, ref)["scene_captions"])[0]["ok_share"] == 0.5
+
+
+def test_against_reference_in_summary_json_and_markdown(tables, release, tmp_path):
+    ref = write(tmp_path / "ref.parquet", [reference_row("a", REF_A)], REFERENCE_SCHEMA)
+    s = summary_dict(tables | score(release, ref))
+    s = json.loads(json.dumps(s, allow_nan=False))  # NaN is not JSON
+    figures = s["against_reference"]
+    assert (figures["images"], figures["missing_images"], figures["iou_threshold"]) == (1, 0, 0.5)
+    assert set(figures["regions"]) == {"all", "foreground", "background"}
+    assert figures["regions"]["background"] == {
+        "reference": 1,
+        "predicted": 1,
+        "matched": 0,
+        "recall": 0.0,
+        "precision": 0.0,
+        "labels_correct": 0,
+        "label_accuracy": None,
+    }
+    assert figures["scene_captions"]["name_share"] == 1.0
+    assert figures["scene_captions"]["colour_share"] == 0.5
+    text = summary_markdown(tables | score(release, ref))
+    assert "## Against the reference annotations" in text
+    assert "| objects named | 2 / 2 (1.000) |" in text
+    assert "| object colours named | 1 / 2 (0.500) |" in text
 
 
 def test_no_predictions_give_no_precision_and_valid_json(tables, tmp_path):
     empty = [write(tmp_path / "r.parquet", [row("a", [], 3, 10)])]
     ref = write(tmp_path / "ref.parquet", [reference_row("a", REF_A)], REFERENCE_SCHEMA)
-    summary = summary_dict({**tables, "region_recall": region_recall(empty, ref)})
-    assert summary["region_recall"]["all"] == {"recall": 0.0, "precision": None}
+    summary = summary_dict({**tables, **score(empty, ref)})
+    regions = summary["against_reference"]["regions"]["all"]
+    assert (regions["recall"], regions["precision"]) == (0.0, None)
+    assert summary["against_reference"]["scene_captions"]["ok_captions"] == 0  # no caption
     json.dumps(summary, allow_nan=False)  # NaN is not JSON
 
 

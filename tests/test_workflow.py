@@ -388,7 +388,18 @@ def test_tiny_run_writes_the_release_with_a_status_for_every_region(tiny_run):
     assert "data_files" in card and f"Images: {len(release)}" in card
     summary = json.loads((tiny_run / "results/stats/dataset_summary.json").read_text())
     assert summary["images"] == len(release) and summary["regions"] == len(regions)
-    assert set(summary["region_recall"]) == {"all", "foreground"}
+    figures = summary["against_reference"]
+    assert set(figures["regions"]) == {"all", "foreground", "background"}
+    assert figures["images"] > 0
+    assert 0 <= figures["scene_captions"]["ok_share"] <= 1
+    assert set(summary["stage_status"]) == {
+        "caption_scene",
+        "propose_select_regions",
+        "verify_labels",
+        "refine_regions",
+    }
+    assert summary["stage_status"]["caption_scene"]["rows"] == len(release)
+    assert "## Measured against the reference annotations" in card
 
 
 REGION_STEPS = ["proposals", "selected", "verified", "captioned", "refined"]

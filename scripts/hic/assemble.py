@@ -356,10 +356,56 @@ def _described(field: pa.Field, prefix: str = "") -> list[str]:
     return rows
 
 
-def _counts_text(counts: dict[str, int]) -> str:
+def _counts_text(counts: dict[str, int], shares: bool = False) -> str:
     # Most frequent first: the summary JSON is written with sorted keys.
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    return ", ".join(f"{k}: {v}" for k, v in ranked) or "none"
+    total = sum(counts.values())
+    return (
+        ", ".join(f"{k}: {v}" + (f" ({v / total:.1%})" if shares else "") for k, v in ranked)
+        or "none"
+    )
+
+
+_SCOPE_ORDER = ("all", "foreground", "background")
+
+
+def _figure(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _reference_lines(scores: dict | None) -> list[str]:
+    """The card's section on the release scored against reference annotations (the demo
+    world's; ``hic.dataset_stats.summary_dict``'s ``against_reference``), or nothing."""
+    if not scores:
+        return []
+    scene = scores["scene_captions"]
+    lines = [
+        "## Measured against the reference annotations",
+        "",
+        f"On {scores['images']} images with reference annotations "
+        f"({scores['missing_images']} missing from this release). Regions are matched "
+        f"one-to-one at IoU >= {scores['iou_threshold']:g}; label accuracy is over matched "
+        "regions.",
+        "",
+        "| regions | reference | predicted | recall | precision | label accuracy |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *(
+            f"| {scope} | {r['reference']} | {r['predicted']} | {_figure(r['recall'])} "
+            f"| {_figure(r['precision'])} | {_figure(r['label_accuracy'])} |"
+            # the JSON's keys are sorted; the card keeps the table's order
+            for scope, r in sorted(
+                scores["regions"].items(), key=lambda kv: _SCOPE_ORDER.index(kv[0])
+            )
+        ),
+        "",
+        f"Short scene captions: {_figure(scene['ok_share'])} of the images have an ok one; in "
+        f"those, {_figure(scene['name_share'])} of the reference's objects are named and "
+        f"{_figure(scene['colour_share'])} have their colour named (the reference's own short "
+        f"captions: {_figure(scene['name_share_reference'])} and "
+        f"{_figure(scene['colour_share_reference'])}).",
+        "",
+    ]
+    return lines
 
 
 def _tiny_models(models: dict) -> list[str]:
@@ -418,18 +464,14 @@ def dataset_card(summary: dict, config: dict) -> str:
         f"- Regions by kind: {_counts_text(summary['region_kinds'])}",
         f"- Label vocabulary: {summary['label_vocabulary']} distinct labels; most frequent: "
         f"{_counts_text(summary['top_labels'])}",
-        f"- Label verification outcomes: {_counts_text(summary['label_sources'])}",
-        f"- Region caption refinement paths: {_counts_text(summary['caption_sources'])}",
-        f"- Scene caption status: {_counts_text(summary['scene_status'])}",
+        f"- Label verification outcomes: {_counts_text(summary['label_sources'], shares=True)}",
+        "- Region caption refinement paths: "
+        + _counts_text(summary["caption_sources"], shares=True),
+        f"- Scene caption status: {_counts_text(summary['scene_status'], shares=True)}",
         "- Mean caption length (words, captions that exist): "
         + ", ".join(f"{k}: {v['mean']}" for k, v in words.items()),
-        *(
-            f"- Region recall / precision against reference boxes ({scope}): "
-            f"{r['recall']:.3f} / {r['precision']:.3f}"
-            for scope, r in (summary.get("region_recall") or {}).items()
-            if r["recall"] is not None and r["precision"] is not None
-        ),
         "",
+        *_reference_lines(summary.get("against_reference")),
         "## Columns",
         "",
         "| column | type | meaning |",

@@ -9,14 +9,21 @@ divides in long double, which can differ in the last bit: it would show after ro
 decimals only if the exact mean lay within that bit of a rounding boundary.
 
 Caption lengths are measured over captions that exist (words > 0); a missing caption is counted
-separately rather than as a zero-word caption. Only the region recall against reference
-annotations (the demo world) reads the release shards.
+separately rather than as a zero-word caption. ``stage_outcomes`` gives, per stage, the rows
+(images or regions) per value of its status column in the release, with their shares.
+
+Only the scores against reference annotations (the demo world: ``against_reference``) read the
+release shards: region recall and precision at an IoU threshold, overall and per kind, the label
+accuracy of matched regions, and how well the short scene captions name the reference's objects
+and their colours. With the demo's random tiny models these are near zero; they measure
+trained ones.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import duckdb
@@ -27,7 +34,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from hic.select_regions import match_regions, recall_precision  # noqa: E402
+from hic.select_regions import match_pairs, recall_precision  # noqa: E402
+from hic.text import normalise_label  # noqa: E402
 
 CAPTION_KINDS = ("short", "long", "region")
 
@@ -135,52 +143,212 @@ def dataset_stats(
     return tables
 
 
-def _release_regions(files: Sequence[Path], keys: list[str]) -> dict[str, list[dict]]:
-    """Regions of the release rows whose key is in ``keys``."""
-    con = duckdb.connect()
-    rows = con.sql(
-        "SELECT key, regions FROM read_parquet($1) WHERE key IN (SELECT unnest($2))",
-        params=[[str(f) for f in files], keys],
-    ).to_arrow_table()
-    con.close()
-    return {r["key"]: r["regions"] for r in rows.to_pylist()}
+SCOPES = {
+    "all": ("foreground", "background"),
+    "foreground": ("foreground",),
+    "background": ("background",),
+}
 
 
-def region_recall(
-    release_files: Sequence[Path], reference: Path, iou_threshold: float = 0.5
+def _share(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+def score_regions(
+    images: Sequence[tuple[Sequence[dict] | None, Sequence[dict]]], iou_threshold: float = 0.5
 ) -> pd.DataFrame:
-    """Box recall and precision of the release against reference annotations (the demo world).
+    """Box recall and precision, and label accuracy of the matched boxes, per scope.
 
-    Per image, predicted and reference boxes are matched one-to-one (``match_regions``), over
-    all regions and over foreground regions only. A reference image missing from the release
-    counts as all-missed; release images without a reference are ignored (nothing to score).
+    ``images`` holds per reference image (release regions, or None when the image is missing
+    from the release; reference regions), each region a dict with ``label``, ``bbox`` and
+    ``kind``. Per image and scope (all regions, foreground only, background only), predicted and
+    reference boxes are matched one-to-one (``match_pairs``); in the ``all`` scope a box may
+    match one of the other kind. A matched box's label is correct when it equals the reference
+    label after ``normalise_label``. Ratios with a zero denominator are None.
     """
-    ref = pq.read_table(reference, columns=["key", "regions"]).to_pylist()
-    predicted = _release_regions(release_files, [r["key"] for r in ref])
     rows = []
-    for scope, kinds in (("all", {"foreground", "background"}), ("foreground", {"foreground"})):
-        matched = n_pred = n_ref = 0
-        for image in ref:
-            truth = [r["bbox"] for r in image["regions"] if r["kind"] in kinds]
-            pred = [r["bbox"] for r in predicted.get(image["key"], []) if r["kind"] in kinds]
-            matched += match_regions(pred, truth, iou_threshold)
+    for scope, kinds in SCOPES.items():
+        matched = n_pred = n_ref = correct = 0
+        for predicted, truth in images:
+            ref = [r for r in truth if r["kind"] in kinds]
+            pred = [r for r in predicted or [] if r["kind"] in kinds]
+            pairs = match_pairs([r["bbox"] for r in pred], [r["bbox"] for r in ref], iou_threshold)
+            matched += len(pairs)
+            correct += sum(
+                normalise_label(pred[i]["label"] or "") == normalise_label(ref[j]["label"])
+                for i, j in pairs
+            )
             n_pred += len(pred)
-            n_ref += len(truth)
+            n_ref += len(ref)
         recall, precision = recall_precision(matched, n_pred, n_ref)
         rows.append(
             {
                 "scope": scope,
-                "images": len(ref),
-                "missing_images": sum(r["key"] not in predicted for r in ref),
+                "images": len(images),
+                "missing_images": sum(p is None for p, _ in images),
                 "reference": n_ref,
                 "predicted": n_pred,
                 "matched": matched,
                 "recall": recall,
                 "precision": precision,
+                "labels_correct": correct,
+                "label_accuracy": _share(correct, matched),
                 "iou_threshold": iou_threshold,
             }
         )
     return pd.DataFrame(rows)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[^\W_]+", text.casefold())
+
+
+def _plural_forms(word: str) -> set[str]:
+    forms = {word, word + "s", word + "es"}
+    if word.endswith("y"):
+        forms.add(word[:-1] + "ies")
+    return forms
+
+
+def mentions(text: str, name: str) -> bool:
+    """Whether ``text`` names ``name``: its words in order as whole words, case-folded, the
+    last one also in a plural form ("box" in "two boxes", "ice cream" in "ice creams")."""
+    target, words = _words(name), _words(text)
+    if not target:
+        return False
+    *head, last = target
+    forms, n = _plural_forms(last), len(target)
+    return any(
+        words[k : k + n - 1] == head and words[k + n - 1] in forms
+        for k in range(len(words) - n + 1)
+    )
+
+
+def object_colour(region_caption: str | None, colours: Collection[str]) -> str | None:
+    """A demo reference object's colour: the first word of its region caption that is one of
+    ``colours`` ("A small red ball, round, ..."); None when none is."""
+    return next((w for w in _words(region_caption or "") if w in colours), None)
+
+
+def scene_caption_scores(
+    images: Sequence[tuple[dict | None, dict]], colours: Collection[str]
+) -> pd.DataFrame:
+    """How well the short scene captions name the reference's objects (one row).
+
+    ``images`` holds per reference image (its release row with ``short_caption`` and
+    ``scene_status``, or None when the image is missing from the release; its reference row
+    with ``short_caption`` and ``regions``). ``ok_share`` is the share of reference images
+    whose release short caption exists with status ``ok``. Over those images only, each
+    foreground reference region is an object: ``name_share`` is the share whose label the
+    short caption ``mentions``, ``colour_share`` the share whose colour (``object_colour``) it
+    mentions. The ``*_reference`` shares are the same measures of the reference's own short
+    caption on the same images: the ceiling, since it names at most three objects.
+    """
+    ok = objects = 0
+    named = {"release": 0, "reference": 0}
+    coloured = {"release": 0, "reference": 0}
+    for release, ref in images:
+        if release is None or release["scene_status"] != "ok" or not release["short_caption"]:
+            continue
+        ok += 1
+        captions = {"release": release["short_caption"], "reference": ref["short_caption"] or ""}
+        for region in ref["regions"]:
+            if region["kind"] != "foreground":
+                continue
+            objects += 1
+            colour = object_colour(region["caption"], colours)
+            for side, caption in captions.items():
+                named[side] += mentions(caption, region["label"])
+                coloured[side] += colour is not None and mentions(caption, colour)
+    return pd.DataFrame(
+        [
+            {
+                "images": len(images),
+                "ok_captions": ok,
+                "ok_share": _share(ok, len(images)),
+                "objects": objects,
+                "objects_named": named["release"],
+                "name_share": _share(named["release"], objects),
+                "colours_named": coloured["release"],
+                "colour_share": _share(coloured["release"], objects),
+                "name_share_reference": _share(named["reference"], objects),
+                "colour_share_reference": _share(coloured["reference"], objects),
+            }
+        ]
+    )
+
+
+def _release_rows(files: Sequence[Path], keys: list[str]) -> dict[str, dict]:
+    """The release rows whose key is in ``keys``: the columns scored against the reference."""
+    con = duckdb.connect()
+    rows = con.sql(
+        "SELECT key, short_caption, scene_status, regions FROM read_parquet($1) "
+        "WHERE key IN (SELECT unnest($2))",
+        params=[[str(f) for f in files], keys],
+    ).to_arrow_table()
+    con.close()
+    return {r["key"]: r for r in rows.to_pylist()}
+
+
+def against_reference(
+    release_files: Sequence[Path],
+    reference: Path,
+    *,
+    iou_threshold: float = 0.5,
+    colours: Collection[str],
+) -> dict[str, pd.DataFrame]:
+    """The release scored against reference annotations (the demo world): ``region_recall``
+    (``score_regions``) and ``scene_captions`` (``scene_caption_scores``).
+
+    A reference image missing from the release counts as all-missed and as without an ok
+    caption; release images without a reference are ignored (nothing to score).
+    """
+    ref = pq.read_table(reference, columns=["key", "short_caption", "regions"]).to_pylist()
+    release = _release_rows(release_files, [r["key"] for r in ref])
+    images = [(release.get(r["key"]), r) for r in ref]
+    return {
+        "region_recall": score_regions(
+            [(row and row["regions"], r["regions"]) for row, r in images], iou_threshold
+        ),
+        "scene_captions": scene_caption_scores(images, colours),
+    }
+
+
+# Per stage, the release column that records each row's outcome: (stage, column, unit, table of
+# counts from dataset_stats). select_regions' outcome per image is its regions_note, or
+# "has regions" when it kept some.
+STAGE_COLUMNS = (
+    ("caption_scene", "scene_status", "images", "scene_status"),
+    ("propose_select_regions", "regions_note", "images", "regions_notes"),
+    ("verify_labels", "regions[].label_source", "regions", "label_sources"),
+    ("refine_regions", "regions[].caption_source", "regions", "caption_sources"),
+)
+
+
+def stage_outcomes(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Rows per outcome of each stage's status column in the release, with their share of the
+    stage's rows (images or regions), most frequent first."""
+    rows = []
+    for stage, column, unit, name in STAGE_COLUMNS:
+        counts = dict(zip(tables[name].iloc[:, 0].astype(str), tables[name]["count"], strict=True))
+        if name == "regions_notes":
+            overview = tables["overview"].iloc[0]
+            with_regions = int(overview["images"] - overview["images_without_regions"])
+            counts = {"has regions": with_regions, **counts} if with_regions else counts
+        total = sum(int(v) for v in counts.values())
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        rows += [
+            {
+                "stage": stage,
+                "column": column,
+                "unit": unit,
+                "outcome": outcome,
+                "count": int(n),
+                "share": round(int(n) / total, 4),
+            }
+            for outcome, n in ranked
+        ]
+    return pd.DataFrame(rows, columns=["stage", "column", "unit", "outcome", "count", "share"])
 
 
 def _as_dict(table: pd.DataFrame, column: str) -> dict[str, int]:
@@ -189,6 +357,50 @@ def _as_dict(table: pd.DataFrame, column: str) -> dict[str, int]:
 
 def _optional(value: object) -> object:
     return None if pd.isna(value) else value
+
+
+def _stage_status(outcomes: pd.DataFrame) -> dict:
+    return {
+        stage: {
+            "column": part["column"].iloc[0],
+            "unit": part["unit"].iloc[0],
+            "rows": int(part["count"].sum()),
+            "counts": dict(zip(part["outcome"], part["count"].astype(int), strict=True)),
+            "shares": dict(zip(part["outcome"], part["share"].astype(float), strict=True)),
+        }
+        for stage, part in outcomes.groupby("stage", sort=False)
+    }
+
+
+def _against_reference(tables: dict[str, pd.DataFrame]) -> dict | None:
+    """The figures against the reference, when there is one (the demo world)."""
+    if "region_recall" not in tables:
+        return None
+    regions = tables["region_recall"]
+    first = regions.iloc[0]
+    return {
+        "iou_threshold": float(first["iou_threshold"]),
+        "images": int(first["images"]),
+        "missing_images": int(first["missing_images"]),
+        "regions": {
+            row["scope"]: {
+                k: _optional(row[k])
+                for k in (
+                    "reference",
+                    "predicted",
+                    "matched",
+                    "recall",
+                    "precision",
+                    "labels_correct",
+                    "label_accuracy",
+                )
+            }
+            for row in regions.to_dict("records")
+        },
+        "scene_captions": {
+            k: _optional(v) for k, v in tables["scene_captions"].to_dict("records")[0].items()
+        },
+    }
 
 
 def summary_dict(tables: dict[str, pd.DataFrame]) -> dict:
@@ -216,14 +428,8 @@ def summary_dict(tables: dict[str, pd.DataFrame]) -> dict:
             }
             for kind in words.index
         },
-        "region_recall": (
-            {
-                row.scope: {"recall": _optional(row.recall), "precision": _optional(row.precision)}
-                for row in tables["region_recall"].itertuples(index=False)
-            }
-            if "region_recall" in tables
-            else None
-        ),
+        "stage_status": _stage_status(stage_outcomes(tables)),
+        "against_reference": _against_reference(tables),
         "provenance": [
             {
                 "scene_model": row.scene_model,
@@ -253,15 +459,62 @@ def summary_markdown(tables: dict[str, pd.DataFrame]) -> str:
         ("caption_words", "Caption length (words; captions that exist)"),
         ("region_kinds", "Regions by kind"),
         ("labels", "Most frequent labels"),
-        ("label_sources", "Label verification outcomes"),
-        ("caption_sources", "Region caption refinement paths"),
-        ("scene_status", "Scene caption status"),
-        ("regions_notes", "Images without regions, by reason"),
-        ("region_recall", "Region recall and precision against the reference boxes"),
     ]:
-        if name in tables:  # region_recall needs reference annotations (the demo world)
-            lines += [f"## {title}", "", tables[name].to_markdown(index=False), ""]
+        lines += [f"## {title}", "", tables[name].to_markdown(index=False), ""]
+    outcomes = stage_outcomes(tables)
+    lines += [
+        "## Outcomes per stage",
+        "",
+        "Rows (images or regions) per value of each stage's status column in the release.",
+        "",
+        outcomes.to_markdown(index=False) if len(outcomes) else "No rows.",
+        "",
+    ]
+    if "region_recall" in tables:  # reference annotations exist (the demo world)
+        lines += _reference_markdown(tables)
     return "\n".join(lines)
+
+
+def _ratio(part: int, whole: int) -> str:
+    return f"{part} / {whole} ({part / whole:.3f})" if whole else f"{part} / {whole}"
+
+
+def _reference_markdown(tables: dict[str, pd.DataFrame]) -> list[str]:
+    regions = tables["region_recall"]
+    scene = tables["scene_captions"].to_dict("records")[0]
+    iou_threshold = regions["iou_threshold"].iloc[0]
+    shown = regions[["scope", "reference", "predicted", "matched"]].assign(
+        **{
+            c: [("n/a" if pd.isna(v) else f"{v:.3f}") for v in regions[c]]
+            for c in ("recall", "precision", "label_accuracy")
+        }
+    )
+
+    def ceiling(key: str) -> str:
+        value = _optional(scene[key])
+        return "n/a" if value is None else f"{value:.3f}"
+
+    return [
+        "## Against the reference annotations",
+        "",
+        f"Regions matched one-to-one at IoU >= {iou_threshold:g}; label accuracy is over "
+        f"matched regions ({regions['images'].iloc[0]} reference images, "
+        f"{regions['missing_images'].iloc[0]} missing from the release).",
+        "",
+        shown.to_markdown(index=False, disable_numparse=True),
+        "",
+        "Short scene captions: objects are the reference's foreground regions, in images whose "
+        "short caption is ok; the last column scores the reference's own short caption.",
+        "",
+        "| measure | release | reference caption |",
+        "| --- | --- | --- |",
+        f"| images with an ok short caption | {_ratio(scene['ok_captions'], scene['images'])} | |",
+        f"| objects named | {_ratio(scene['objects_named'], scene['objects'])} "
+        f"| {ceiling('name_share_reference')} |",
+        f"| object colours named | {_ratio(scene['colours_named'], scene['objects'])} "
+        f"| {ceiling('colour_share_reference')} |",
+        "",
+    ]
 
 
 def plot_dataset(tables: dict[str, pd.DataFrame], path: Path) -> None:

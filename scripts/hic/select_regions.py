@@ -28,8 +28,8 @@ regions in six deterministic steps:
    background by rank; each region is a copy of its proposal with the clipped ``bbox`` and a
    0-based ``rank`` (its output position). Inputs are never modified.
 
-``match_regions`` and ``recall_precision`` score a selection against reference boxes (the demo
-world's annotations) by one-to-one matching at an IoU threshold.
+``match_pairs``, ``match_regions`` and ``recall_precision`` score a selection against reference
+boxes (the demo world's annotations) by one-to-one matching at an IoU threshold.
 """
 
 from __future__ import annotations
@@ -181,14 +181,14 @@ def _original_size(size: dict) -> tuple[int, int]:
     return size["original_width"], size["original_height"]
 
 
-def match_regions(
+def match_pairs(
     predicted: list[list[float]], reference: list[list[float]], iou_threshold: float = 0.5
-) -> int:
-    """One-to-one matches between predicted and reference boxes at IoU >= iou_threshold.
+) -> list[tuple[int, int]]:
+    """One-to-one (predicted index, reference index) matches at IoU >= iou_threshold.
 
     Pairs are taken greedily by IoU, highest first (ties: lower predicted, then reference
     index), each box matching at most once. The threshold must be in (0, 1] so that disjoint
-    boxes never match.
+    boxes never match. Returned in the order they were taken.
     """
     if not 0.0 < iou_threshold <= 1.0:
         raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
@@ -201,11 +201,20 @@ def match_regions(
     pairs.sort(key=lambda t: (-t[0], t[1], t[2]))
     used_pred: set[int] = set()
     used_ref: set[int] = set()
+    matches = []
     for _, i, j in pairs:
         if i not in used_pred and j not in used_ref:
             used_pred.add(i)
             used_ref.add(j)
-    return len(used_pred)
+            matches.append((i, j))
+    return matches
+
+
+def match_regions(
+    predicted: list[list[float]], reference: list[list[float]], iou_threshold: float = 0.5
+) -> int:
+    """How many one-to-one matches ``match_pairs`` finds."""
+    return len(match_pairs(predicted, reference, iou_threshold))
 
 
 def recall_precision(
