@@ -30,7 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = {k: (ROOT / "prompts" / f"scene_{k}.txt").read_text() for k in ("short", "long")}
 # A run small enough for a test: a few dozen steps of small batches, one thread.
 SMALL = VlmTrainSettings(
-    steps=40, object_batch=8, scene_batch=8, long_every=4, warmup=4, tokenizer_scenes=100
+    vision_steps=20,
+    steps=40,
+    object_batch=8,
+    scene_batch=8,
+    long_every=4,
+    warmup=4,
+    tokenizer_scenes=100,
 )
 
 
@@ -61,7 +67,7 @@ def test_labels_cover_the_answer_and_its_end_token_only(small_model):
     _, processor = small_model
     scene = held_out_scenes(1, SMALL)[0]
     answer = dw.short_caption(scene)
-    crop = Batches(processor, PROMPTS, SMALL)._crops()[0][0]
+    crop = Batches(processor, PROMPTS, SMALL).crops()[0][0]
     inputs = batch_inputs(
         processor,
         [stage_text(processor, PROMPTS["short"], answer), object_text(processor, "Red ball")],
@@ -78,7 +84,9 @@ def test_object_answer_is_colour_and_class():
 
 
 def test_training_is_deterministic(tmp_path):
-    tiny = VlmTrainSettings(steps=2, object_batch=4, scene_batch=2, tokenizer_scenes=20)
+    tiny = VlmTrainSettings(
+        vision_steps=2, steps=2, object_batch=4, scene_batch=2, tokenizer_scenes=20
+    )
     weights = []
     for name in ("a", "b"):
         train_vlm(tmp_path / name, PROMPTS, tiny, log=lambda _: None)
