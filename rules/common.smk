@@ -167,10 +167,16 @@ EVALUATIONS = expand(
 
 def clip_settings(wildcards):
     """A run's training settings: clip.defaults overlaid with the run's own keys, less those
-    that only change speed (hic.speed; the script reads them from the config)."""
+    that only change speed (hic.speed; the script reads them from the config). Keys sorted:
+    Snakemake compares params by their text, and a second config file that overrides one
+    default reorders the defaults, which would re-run runs whose settings did not change."""
     run = {k: v for k, v in CLIP_RUNS[wildcards.run].items() if k not in ("annotations", "label")}
     merged = {**science(config, "clip/defaults"), **run}
-    return {k: v for k, v in merged.items() if k not in SPEED["clip/defaults"]}
+    return {
+        k: dict(sorted(v.items())) if isinstance(v, dict) else v
+        for k, v in sorted(merged.items())
+        if k not in SPEED["clip/defaults"]
+    }
 
 
 def clip_models(wildcards):

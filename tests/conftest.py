@@ -118,3 +118,13 @@ def region_shard(folder: Path, labels: list[list[str]]) -> tuple[Path, Path, Pat
     path = folder / "regions.parquet"
     pq.write_table(pa.Table.from_pylist(regions, schema=SELECTED_SCHEMA), path)
     return path, folder / "s.tar", folder / "s.parquet"
+
+
+def baselines_off() -> str:
+    """YAML for a `clip.runs` block that switches off config.yaml's baseline runs (those with a
+    `method`): tests of the workflow's machinery train the plain runs only, each method's own
+    tests train it."""
+    import yaml
+
+    runs = yaml.safe_load((REPO / "config.yaml").read_text())["clip"]["runs"]
+    return "".join(f"    {name}: null\n" for name, run in runs.items() if "method" in run)
