@@ -33,6 +33,7 @@ from train_clip import write_data  # noqa: E402  (bench/train_clip.py)
 
 from hic.methods import METHODS, method_for  # noqa: E402
 from hic.methods.base import parameter_counts  # noqa: E402
+from hic.methods.flame_tiny import build_tiny_mistral  # noqa: E402
 from hic.train_clip import TrainSettings, pair_shards, train  # noqa: E402
 
 # Published parameter counts (millions) of each method's paper model, with their sources.
@@ -59,6 +60,18 @@ def method_runs(config: dict, method: str) -> dict[str, dict]:
         label = method + (f" ({options['stage']})" if "stage" in options else "")
         found.setdefault(label, {**merged, "options": options})
     return found
+
+
+def local_models(settings: dict, folder: Path) -> dict:
+    """``settings`` with the workflow-built tiny models its options name built in ``folder``
+    (the workflow's build_tiny_model makes them under resources/models/)."""
+    options = dict(settings.get("options") or {})
+    for key, value in options.items():
+        if value == "resources/models/tiny-mistral":
+            options[key] = str(folder / "tiny-mistral")
+            if not Path(options[key]).exists():
+                build_tiny_mistral(Path(options[key]))
+    return {**settings, "options": options}
 
 
 def throughput(settings: dict, data, steps: int, work: Path) -> float:
@@ -90,6 +103,7 @@ def main() -> None:
             if not runs:
                 print(f"{method:10} no run in config.yaml")
             for label, settings in runs.items():
+                settings = local_models(settings, tmp)
                 # The baseline at the method's batch size: samples/s depend on it.
                 base = {**clip, "batch_size": settings.get("batch_size", clip["batch_size"])}
                 best = {"clip": 0.0, label: 0.0}
