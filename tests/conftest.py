@@ -128,3 +128,54 @@ def baselines_off() -> str:
 
     runs = yaml.safe_load((REPO / "config.yaml").read_text())["clip"]["runs"]
     return "".join(f"    {name}: null\n" for name, run in runs.items() if "method" in run)
+
+
+def write_clip_shard(root: Path, samples: list, size=(96, 64), alt_texts: bool = False):
+    """One download shard for training tests: ``00000.tar`` (a JPEG per sample, with an alt-text
+    ``.txt`` member when ``alt_texts``), its status table and the reference annotations.
+    ``samples``: (image, short caption, long caption, regions) each; key i is i in 16 hex
+    digits, the alt-text "img i". Returns the shards as train() takes them."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hic.demo_world import REFERENCE_SCHEMA
+    from hic.train_clip import pair_shards
+
+    rows, status = [], []
+    with tarfile.open(root / "00000.tar", "w") as tar:
+        for i, (image, short, long, regions) in enumerate(samples):
+            key, buf = f"{i:016x}", io.BytesIO()
+            image.save(buf, "JPEG")
+            members = [("jpg", buf.getvalue())] + ([("txt", f"img {i}".encode())] * alt_texts)
+            for ext, payload in members:
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+            rows.append(
+                {
+                    "key": key,
+                    "url": f"http://x/{i}.jpg",
+                    "width": size[0],
+                    "height": size[1],
+                    "short_caption": short,
+                    "long_caption": long,
+                    "regions": regions,
+                    "source": "test",
+                    "seed": 0,
+                }
+            )
+            status.append(
+                {
+                    "key": key,
+                    "status": "success",
+                    "caption": f"img {i}",
+                    "original_width": size[0],
+                    "original_height": size[1],
+                }
+            )
+    pq.write_table(pa.Table.from_pylist(rows, schema=REFERENCE_SCHEMA), root / "ref.parquet")
+    pq.write_table(pa.Table.from_pylist(status), root / "00000.parquet")
+    return pair_shards([root / "00000.tar"], [root / "ref.parquet"], aligned=False)

@@ -1,18 +1,14 @@
 """COSMOS (hic.methods.cosmos) on the tiny open_clip model: its EMA teacher, its image and text
 crops, its cross-attention distillation, resume and evaluation."""
 
-import io
 import json
 import random
-import tarfile
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
-from hic.demo_world import REFERENCE_SCHEMA
+from conftest import write_clip_shard
 from hic.evaluate_clip import embed_images, embed_texts, similarity
 from hic.methods import method_for
 from hic.methods.base import Context, parameter_counts
@@ -24,7 +20,7 @@ from hic.methods.cosmos import (
     text_crops,
     trim,
 )
-from hic.train_clip import TrainSettings, pair_shards, train
+from hic.train_clip import TrainSettings, train
 
 # The demo's cheap multi-crop: 2 local image crops of 32 px on the 64-px model, 4 text crops.
 TINY = {"local_crops": 2, "local_size": 32, "text_crops": 4}
@@ -192,40 +188,8 @@ def test_the_paper_model_builds_on_the_meta_device():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """8 images in a download-style tar with long captions in the HIC release format."""
-    root = tmp_path_factory.mktemp("cosmosdata")
-    rows, status = [], []
-    with tarfile.open(root / "00000.tar", "w") as tar:
-        for i in range(8):
-            key, buf = f"{i:016x}", io.BytesIO()
-            picture(i).save(buf, "JPEG")
-            info = tarfile.TarInfo(f"{key}.jpg")
-            info.size = len(buf.getvalue())
-            tar.addfile(info, io.BytesIO(buf.getvalue()))
-            rows.append(
-                {
-                    "key": key,
-                    "url": f"http://x/{i}.jpg",
-                    "width": 80,
-                    "height": 60,
-                    "short_caption": f"Picture {i}.",
-                    "long_caption": f"{CAPTION} It is number {i}.",
-                    "regions": [],
-                    "source": "test",
-                    "seed": 0,
-                }
-            )
-            status.append(
-                {
-                    "key": key,
-                    "status": "success",
-                    "caption": f"img {i}",
-                    "original_width": 80,
-                    "original_height": 60,
-                }
-            )
-    pq.write_table(pa.Table.from_pylist(rows, schema=REFERENCE_SCHEMA), root / "ref.parquet")
-    pq.write_table(pa.Table.from_pylist(status), root / "00000.parquet")
-    return pair_shards([root / "00000.tar"], [root / "ref.parquet"], aligned=False)
+    samples = [(picture(i), f"Picture {i}.", f"{CAPTION} It is number {i}.", []) for i in range(8)]
+    return write_clip_shard(tmp_path_factory.mktemp("cosmosdata"), samples, size=(80, 60))
 
 
 SETTINGS = TrainSettings(

@@ -1,23 +1,19 @@
 """FLAIR (hic.methods.flair): sub-caption sampling, text-conditioned pooling, the
 multi-positive sigmoid losses, training and resuming through train_clip, and its inference."""
 
-import io
 import json
 import os
 import random
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from hic.demo_world import REFERENCE_SCHEMA
+from conftest import write_clip_shard
 from hic.evaluate_clip import embed_images, embed_texts, similarity
 from hic.methods import method_for
 from hic.methods.base import Context, parameter_counts
@@ -28,7 +24,7 @@ from hic.methods.flair import (
     split_sentences,
     text_choices,
 )
-from hic.train_clip import TrainSettings, pair_shards, train, write_job
+from hic.train_clip import TrainSettings, train, write_job
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -168,53 +164,20 @@ def test_the_paper_model_builds_on_the_meta_device():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """12 images in a download-style tar and their annotations (as tests/test_train_clip)."""
-    root = tmp_path_factory.mktemp("flairdata")
-    rows, colours = [], ["red", "green", "blue", "yellow"]
-    with tarfile.open(root / "00000.tar", "w") as tar:
-        for i in range(12):
-            key, colour = f"{i:016x}", colours[i % 4]
-            buf = io.BytesIO()
-            image = Image.new("RGB", (48, 32), colour)
-            image.paste("black", (4 * i % 40, 0, 4 * i % 40 + 8, 16))
-            image.save(buf, "JPEG")
-            for ext, payload in [("jpg", buf.getvalue()), ("txt", f"img {i}".encode())]:
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-            rows.append(
-                {
-                    "key": key,
-                    "url": f"http://x/{i}.jpg",
-                    "width": 96,
-                    "height": 64,
-                    "short_caption": f"A {colour} picture.",
-                    "long_caption": f"A plain {colour} picture. A black bar at {i}. Nothing else.",
-                    "regions": [
-                        {
-                            "label": "square",
-                            "bbox": [0.0, 0.0, 48.0, 32.0],
-                            "caption": f"A {colour} square.",
-                            "kind": "foreground",
-                            "score": 1.0,
-                        }
-                    ],
-                    "source": "test",
-                    "seed": 0,
-                }
-            )
-    pq.write_table(pa.Table.from_pylist(rows, schema=REFERENCE_SCHEMA), root / "ref.parquet")
-    status = [
-        {
-            "key": r["key"],
-            "status": "success",
-            "caption": f"img {i}",
-            "original_width": 96,
-            "original_height": 64,
+    samples = []
+    for i, colour in enumerate(["red", "green", "blue", "yellow"] * 3):
+        image = Image.new("RGB", (48, 32), colour)
+        image.paste("black", (4 * i % 40, 0, 4 * i % 40 + 8, 16))
+        square = {
+            "label": "square",
+            "bbox": [0.0, 0.0, 48.0, 32.0],
+            "caption": f"A {colour} square.",
+            "kind": "foreground",
+            "score": 1.0,
         }
-        for i, r in enumerate(rows)
-    ]
-    pq.write_table(pa.Table.from_pylist(status), root / "00000.parquet")
-    return pair_shards([root / "00000.tar"], [root / "ref.parquet"], aligned=False)
+        long = f"A plain {colour} picture. A black bar at {i}. Nothing else."
+        samples.append((image, f"A {colour} picture.", long, [square]))
+    return write_clip_shard(tmp_path_factory.mktemp("flairdata"), samples, alt_texts=True)
 
 
 SETTINGS = TrainSettings(

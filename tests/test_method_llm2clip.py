@@ -1,18 +1,14 @@
 """LLM2CLIP (hic.methods.llm2clip): stage 1 fine-tunes the LLM's LoRA on caption pairs, stage 2
 trains the vision tower and adapter against the frozen LLM; on a tiny random Llama."""
 
-import io
 import random
-import tarfile
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from hic.demo_world import REFERENCE_SCHEMA
+from conftest import write_clip_shard
 from hic.evaluate_clip import embed_images, embed_texts, load_run, similarity
 from hic.methods import method_for
 from hic.methods.base import Context, parameter_counts
@@ -23,7 +19,7 @@ from hic.methods.llm2clip import (
     LoraLinear,
     caption_views,
 )
-from hic.train_clip import TrainSettings, pair_shards, train
+from hic.train_clip import TrainSettings, train
 
 TINY = {"llm": "tiny-llama", "max_length": 48, "embed_dim": 32}
 STAGE1 = {**TINY, "stage": "caption_contrastive"}
@@ -45,51 +41,21 @@ def run_settings(options):
 def data(tmp_path_factory):
     """12 images in a download-style tar, annotations in the HIC release format (as in
     tests/test_train_clip.py), long captions of two sentences."""
-    root = tmp_path_factory.mktemp("llm2clip")
-    rows, status = [], []
-    with tarfile.open(root / "00000.tar", "w") as tar:
-        for i in range(12):
-            key, colour = f"{i:016x}", COLOURS[i % 4]
-            buf = io.BytesIO()
-            image = Image.new("RGB", (48, 32), colour)
-            image.paste("black", (4 * i % 40, 0, 4 * i % 40 + 8, 16))
-            image.save(buf, "JPEG")
-            info = tarfile.TarInfo(f"{key}.jpg")
-            info.size = len(buf.getvalue())
-            tar.addfile(info, io.BytesIO(buf.getvalue()))
-            rows.append(
-                {
-                    "key": key,
-                    "url": f"http://x/{i}.jpg",
-                    "width": 96,
-                    "height": 64,
-                    "short_caption": f"A {colour} picture.",
-                    "long_caption": f"A plain {colour} picture. A black bar sits at {4 * i}.",
-                    "regions": [
-                        {
-                            "label": "bar",
-                            "bbox": [0.0, 0.0, 48.0, 32.0],
-                            "caption": f"A black bar on {colour}.",
-                            "kind": "foreground",
-                            "score": 1.0,
-                        }
-                    ],
-                    "source": "test",
-                    "seed": 0,
-                }
-            )
-            status.append(
-                {
-                    "key": key,
-                    "status": "success",
-                    "caption": f"img {i}",
-                    "original_width": 96,
-                    "original_height": 64,
-                }
-            )
-    pq.write_table(pa.Table.from_pylist(rows, schema=REFERENCE_SCHEMA), root / "ref.parquet")
-    pq.write_table(pa.Table.from_pylist(status), root / "00000.parquet")
-    return pair_shards([root / "00000.tar"], [root / "ref.parquet"], aligned=False)
+    samples = []
+    for i in range(12):
+        colour = COLOURS[i % 4]
+        image = Image.new("RGB", (48, 32), colour)
+        image.paste("black", (4 * i % 40, 0, 4 * i % 40 + 8, 16))
+        bar = {
+            "label": "bar",
+            "bbox": [0.0, 0.0, 48.0, 32.0],
+            "caption": f"A black bar on {colour}.",
+            "kind": "foreground",
+            "score": 1.0,
+        }
+        long = f"A plain {colour} picture. A black bar sits at {4 * i}."
+        samples.append((image, f"A {colour} picture.", long, [bar]))
+    return write_clip_shard(tmp_path_factory.mktemp("llm2clip"), samples)
 
 
 @pytest.fixture(scope="module")

@@ -1,22 +1,18 @@
 """Long-CLIP (hic.methods.longclip): kept positions, primary component matching, 248 tokens,
 training, resuming and evaluation on the tiny architecture."""
 
-import io
 import random
-import tarfile
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
-from hic.demo_world import REFERENCE_SCHEMA
+from conftest import write_clip_shard
 from hic.evaluate_clip import embed_images, embed_texts, load_run, similarity
 from hic.methods import method_for
 from hic.methods.base import Context, parameter_counts
 from hic.methods.longclip import SmoothedClipLoss, first_sentence, pca_reconstruct
-from hic.train_clip import TrainSettings, pair_shards, train
+from hic.train_clip import TrainSettings, train
 
 TINY = {"arch": "HIC-Tiny-CLIP", "policy": "long", "method": "longclip"}
 COLOURS = ["red", "green", "blue", "yellow"]
@@ -174,41 +170,16 @@ def test_the_paper_model_builds_on_the_meta_device():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """12 images in a download-style tar, their status table and two-sentence captions."""
-    root = tmp_path_factory.mktemp("longclip")
-    rows, status = [], []
-    with tarfile.open(root / "00000.tar", "w") as tar:
-        for i in range(12):
-            key, colour = f"{i:016x}", COLOURS[i % 4]
-            buf = io.BytesIO()
-            picture(i).save(buf, "JPEG")
-            info = tarfile.TarInfo(f"{key}.jpg")
-            info.size = len(buf.getvalue())
-            tar.addfile(info, io.BytesIO(buf.getvalue()))
-            rows.append(
-                {
-                    "key": key,
-                    "url": f"http://x/{i}.jpg",
-                    "width": 96,
-                    "height": 64,
-                    "short_caption": f"A {colour} picture.",
-                    "long_caption": f"A {colour} picture. A black square sits at {4 * i % 40}.",
-                    "regions": [],
-                    "source": "test",
-                    "seed": 0,
-                }
-            )
-            status.append(
-                {
-                    "key": key,
-                    "status": "success",
-                    "caption": f"img {i}",
-                    "original_width": 96,
-                    "original_height": 64,
-                }
-            )
-    pq.write_table(pa.Table.from_pylist(rows, schema=REFERENCE_SCHEMA), root / "ref.parquet")
-    pq.write_table(pa.Table.from_pylist(status), root / "00000.parquet")
-    return pair_shards([root / "00000.tar"], [root / "ref.parquet"], aligned=False)
+    samples = [
+        (
+            picture(i),
+            f"A {COLOURS[i % 4]} picture.",
+            f"A {COLOURS[i % 4]} picture. A black square sits at {4 * i % 40}.",
+            [],
+        )
+        for i in range(12)
+    ]
+    return write_clip_shard(tmp_path_factory.mktemp("longclip"), samples)
 
 
 SETTINGS = TrainSettings(
