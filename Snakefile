@@ -15,6 +15,7 @@ include: "rules/common.smk"
 wildcard_constraints:
     shard=r"\d{5}",
     arch=r"[a-z0-9_]+",
+    model=r"[a-z0-9_]+",
 
 
 
@@ -22,6 +23,7 @@ include: "rules/demo_world.smk"
 include: "rules/shard_urls.smk"
 include: "rules/download.smk"
 include: "rules/build_models.smk"
+include: "rules/train_demo_model.smk"
 include: "rules/caption_scene.smk"
 include: "rules/propose_regions.smk"
 include: "rules/select_regions.smk"

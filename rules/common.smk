@@ -63,6 +63,28 @@ def model_files(role):
     return [model_id] if model_id.startswith("resources/models/") else []
 
 
+#: What each demo model's training reads (train_demo_model): the detector learns the
+#: proposal vocabulary's names, the VLM every VLM stage's prompt as the stage asks it.
+DEMO_TRAINING_INPUTS = {
+    "owlv2": {"things": "data/vocabulary/things.txt", "stuff": "data/vocabulary/stuff.txt"},
+    "sam": {},
+    "vlm": {
+        name: f"prompts/{name}.txt"
+        for name in ("scene_short", "scene_long", "verify_label", "correct_label",
+                     "region_caption", "region_refine")
+    },
+}
+
+
+def demo_training_inputs(wildcards):
+    if wildcards.model not in DEMO_TRAINING_INPUTS:
+        raise ValueError(
+            f"no demo model {wildcards.model!r}: the workflow trains "
+            f"{sorted(DEMO_TRAINING_INPUTS)} (resources/models/demo-<name>)"
+        )
+    return DEMO_TRAINING_INPUTS[wildcards.model]
+
+
 def vlm_options():
     """Image-size limits and decoding the region stages share with scene captioning (the same
     model, loaded and decoded the same way). vLLM's engine arguments only change speed: the
@@ -264,3 +286,8 @@ def method_code(script):
         return code_version(script, f"methods.{run.get('method', 'clip')}")
 
     return version
+
+
+def demo_model_code(wildcards):
+    """code_version of a demo model's training: the script and that model's recipe module."""
+    return code_version("train_demo_model", f"demo_training_{wildcards.model}")

@@ -120,6 +120,26 @@ def region_shard(folder: Path, labels: list[list[str]]) -> tuple[Path, Path, Pat
     return path, folder / "s.tar", folder / "s.parquet"
 
 
+#: YAML that swaps config.yaml's trained demo models for the tiny random builders (seconds to
+#: build, minutes less than training) with the settings that let random scores through: tests of
+#: the workflow's machinery need models of the right shape, not good ones
+#: (tests/test_demo_training_*.py test the trained ones).
+RANDOM_MODELS = """
+models:
+  vlm: {id: resources/models/tiny-qwen2_5_vl, revision: null}
+  detector: {id: resources/models/tiny-owlv2, revision: null}
+  sam: {id: resources/models/tiny-sam, revision: null}
+select_regions: {max_regions: 3}
+"""
+
+
+def random_propose_settings(**more) -> str:
+    """The ``propose_regions`` block for random models, with ``more`` settings."""
+    settings = {"detector_threshold": 0.0, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    body = ", ".join(f"{k}: {v}" for k, v in {**settings, **more}.items())
+    return f"propose_regions: {{settings: {{{body}}}}}\n"
+
+
 def baselines_off() -> str:
     """YAML for a `clip.runs` block that switches off config.yaml's baseline runs (those with a
     `method`): tests of the workflow's machinery train the plain runs only, each method's own

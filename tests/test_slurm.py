@@ -19,17 +19,28 @@ import pytest
 import snakemake_executor_plugin_slurm as plugin
 import yaml
 
-from conftest import BIN, REPO, baselines_off, copy_workflow
+from conftest import (
+    BIN,
+    RANDOM_MODELS,
+    REPO,
+    baselines_off,
+    copy_workflow,
+    random_propose_settings,
+)
 from hic import slurm_status
 
 SLURM = Path(__file__).parent / "slurm"
-TINY = f"""
+TINY = (
+    RANDOM_MODELS
+    + random_propose_settings()
+    + f"""
 demo_world: {{n_images: 24, n_benchmark_pairs: 4, width: 96, height: 72, classify_per_class: 1}}
 shards: {{size: 16}}
 clip:
   defaults: {{epochs: 1, batch_size: 8, warmup: 1}}
   runs:
 {baselines_off()}"""
+)
 # One job that runs long enough to be cancelled or pre-empted, and briefly when retried.
 ONE_JOB = f"""
 import sys

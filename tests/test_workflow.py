@@ -12,16 +12,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import BIN, REPO, copy_workflow, planned_jobs, snakemake
+from conftest import (
+    BIN,
+    RANDOM_MODELS,
+    REPO,
+    copy_workflow,
+    planned_jobs,
+    random_propose_settings,
+    snakemake,
+)
 from hic.refine_regions import contains_box_phrase
 
 # A smaller demo world than the default, so the end-to-end run takes seconds.
-TINY = """
+TINY = (
+    RANDOM_MODELS
+    + random_propose_settings(batch_size=4)
+    + """
 demo_world: {n_images: 36, n_benchmark_pairs: 4, width: 96, height: 72, classify_per_class: 2}
 shards: {size: 16}
 flush_every: 1
 caption_scene: {batch_size: 2}
-propose_regions: {settings: {batch_size: 4}}
 verify_labels: {batch_size: 4}
 caption_regions: {batch_size: 4}
 refine_regions: {batch_size: 4}
@@ -43,6 +53,7 @@ clip:
     llm2clip_llm_alt_text: null
     llm2clip_alt_text: null
 """
+)
 # The tiny run's CLIP runs that are benchmarked (LLM2CLIP's first stage is not).
 EVALUATED = ["alt_text", "hierarchical", "pipeline", "flair_hierarchical", "llm2clip_hierarchical"]
 
@@ -69,6 +80,21 @@ def test_config_mistakes_fail_naming_the_key(workflow, override, named):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "Error validating config file" in out and named in out
+
+
+def test_the_default_trains_its_demo_models_and_builds_no_random_ones(workflow):
+    jobs = planned_jobs(workflow)
+    assert jobs["train_demo_model"] == 3  # the VLM, the detector and SAM
+    # The one random model left is FLAME's frozen LLM (tiny-mistral); LLM2CLIP's tiny-llama
+    # is built in its own runs.
+    assert jobs["build_tiny_model"] == 1
+
+
+def test_an_unknown_demo_model_is_named(workflow):
+    target = "resources/models/demo-yolo"
+    proc = snakemake(workflow, "--dry-run", target, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "'yolo'" in out and "owlv2" in out
 
 
 def test_missing_url_list_is_explained(workflow):

@@ -373,3 +373,12 @@ def held_out_recall(
         }
     out["all"]["label_accuracy"] = round(labels_correct / max(1, out["all"]["matched"]), 3)
     return out
+
+
+def train_demo(out_dir: Path, inputs: dict[str, Path], *, seed: int = 0, log=print) -> dict:
+    """The workflow's entry (rule train_demo_model): ``inputs`` holds the proposal
+    vocabulary's ``things`` and ``stuff`` files, whose names the detector learns to score."""
+    from hic.propose_regions import load_vocabulary
+
+    vocabulary = [*load_vocabulary(inputs["things"]), *load_vocabulary(inputs["stuff"])]
+    return train_detector(out_dir, vocabulary, seed=seed, log=log)
