@@ -120,6 +120,12 @@ def demo_release():
     return expand("results/dataset/{shard}.parquet", shard=SHARDS) if DEMO else []
 
 
+def demo_verified():
+    """The verified region tables, which dataset_stats reads on the demo world only: they keep
+    the labels planted deliberately wrong (verify_labels.plant_wrong) that the release drops."""
+    return expand("results/regions/verified/{shard}.parquet", shard=SHARDS) if DEMO else []
+
+
 def prompt_hashes():
     """Hashes of the region stages' prompt files (their text is a rule input too)."""
     import hashlib

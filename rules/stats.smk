@@ -31,6 +31,7 @@ rule dataset_stats:
         summaries=expand("results/dataset_summary/{shard}.parquet", shard=SHARDS),
         release=demo_release(),
         reference=demo_reference(),
+        verified=demo_verified(),
     output:
         summary=report("results/stats/dataset_summary.md", caption="../report/dataset_summary.rst", category="Dataset"),
         numbers="results/stats/dataset_summary.json",

@@ -5,6 +5,8 @@ rule verify_labels:
         status="results/images/{shard}.parquet",
         verify_prompt="prompts/verify_label.txt",
         correct_prompt="prompts/correct_label.txt",
+        things=lookup(dpath="propose_regions/vocabulary/things", within=config),
+        stuff=lookup(dpath="propose_regions/vocabulary/stuff", within=config),
         model=model_files("vlm"),
     output:
         regions="results/regions/verified/{shard}.parquet",

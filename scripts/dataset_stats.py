@@ -18,6 +18,7 @@ if inp.reference:  # the demo world
     tables |= against_reference(
         [Path(p) for p in inp.release],
         Path(inp.reference[0]),
+        verified_files=[Path(p) for p in inp.verified],
         iou_threshold=params.region_iou,
         colours=set(params.colours),
     )

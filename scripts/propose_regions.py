@@ -2,12 +2,13 @@ from pathlib import Path
 
 from hic.models import ModelRef
 from hic.parts import model_identity
-from hic.propose_regions import Detector, ProposeSettings, load_vocabulary, propose_shard
+from hic.propose_regions import Detector, ProposeSettings, propose_shard
 from hic.provenance import stamp_outputs
 from hic.runlog import to_log
 from hic.segment import load_sam
 from hic.speed import speed
 from hic.threads import use_threads
+from hic.vocabulary import load_vocabulary
 
 log = to_log(snakemake.log[0])
 inp, params = snakemake.input, snakemake.params

@@ -6,6 +6,7 @@ from hic.speed import speed
 from hic.threads import use_threads
 from hic.verify_labels import VerifySettings, verify_shard
 from hic.vlm import stage_backend
+from hic.vocabulary import load_vocabulary
 
 log = to_log(snakemake.log[0])
 inp, params = snakemake.input, snakemake.params
@@ -26,6 +27,8 @@ summary = verify_shard(
     identity,
     # How often progress is saved is not a param: changing it re-runs nothing.
     flush_every=snakemake.config["flush_every"],
+    # Where planted wrong labels come from (verify_labels.plant_wrong).
+    vocabulary={"things": load_vocabulary(inp.things), "stuff": load_vocabulary(inp.stuff)},
 )
 stamp_outputs(snakemake)
 log.info("shard %s: %s", snakemake.wildcards.shard, summary)

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hic.assemble import RELEASE_SCHEMA, release_summary
+from hic.assemble import RELEASE_SCHEMA, dataset_card, release_summary
 from hic.dataset_stats import (
     against_reference,
     dataset_stats,
@@ -16,11 +16,13 @@ from hic.dataset_stats import (
     plot_dataset,
     scene_caption_scores,
     score_regions,
+    score_verification,
     stage_outcomes,
     summary_dict,
     summary_markdown,
 )
 from hic.demo_world import REFERENCE_SCHEMA
+from hic.region_tables import VERIFIED_SCHEMA, write_rows
 
 QUANTILES = [0.0, 0.5, 1.0]
 
@@ -374,8 +376,24 @@ def by_scope(df):
     return {r["scope"]: r for r in records(df)}
 
 
-def score(release, ref, iou_threshold=0.5):
-    return against_reference(release, ref, iou_threshold=iou_threshold, colours=COLOURS)
+@pytest.fixture
+def verified(tmp_path):
+    """Image "a"'s verified regions: the dog shown a planted "wolf" and corrected back, the cat
+    accepted, the sky rejected with a correction that did not parse."""
+    rows = [
+        vreg("dog", "corrected", label="dog", bbox=PRED_A[0]["bbox"], planted="wolf", asked=True),
+        vreg("cat", "accurate", bbox=PRED_A[1]["bbox"]),
+        vreg("sky", "unparsed", bbox=PRED_A[2]["bbox"], kind="background", asked=True),
+    ]
+    path = tmp_path / "verified.parquet"
+    write_rows(rows, VERIFIED_SCHEMA, path)
+    return [path]
+
+
+def score(release, ref, iou_threshold=0.5, verified=()):
+    return against_reference(
+        release, ref, verified_files=verified, iou_threshold=iou_threshold, colours=COLOURS
+    )
 
 
 def test_against_reference_reads_release_and_reference(release, tmp_path):
@@ -576,3 +594,92 @@ def test_merged_summaries_give_the_figures_of_a_query_over_every_row(
         pd.testing.assert_frame_equal(merged[name], table, check_exact=True, obj=name)
     assert summary_markdown(merged) == summary_markdown(expected)
     assert summary_dict(merged) == summary_dict(expected)
+
+
+# ------------------------------------------------------------ label verification
+def vreg(
+    original,
+    verdict="accurate",
+    *,
+    key="a",
+    bbox,
+    label=None,
+    planted=None,
+    asked=False,
+    kind="foreground",
+):
+    """A verified region: ``label`` is the final one (the shown label unless corrected), the
+    shown label is ``planted`` when there is one; ``asked``: a correction was asked."""
+    return {
+        "key": key,
+        "label": label or planted or original,
+        "original_label": original,
+        "planted_label": planted,
+        "bbox": bbox,
+        "kind": kind,
+        "verdict": verdict,
+        "correct_generation": '{"do_sample": false}' if asked else None,
+    }
+
+
+def test_score_verification_of_planted_and_of_right_labels():
+    truth = [
+        reg("dog", bbox=box(0, 0)),
+        reg("cat", bbox=box(30, 0)),
+        reg("bush", bbox=box(60, 0)),
+        reg("dog", bbox=box(0, 30)),
+        reg("sky", "background", bbox=box(0, 60, 100, 40)),
+    ]
+    verified = [
+        # planted, on boxes with a right reference label: counted as planted only
+        vreg("dog", "corrected", label="dog", planted="cat", asked=True, bbox=box(0, 30)),
+        vreg(
+            "sky",
+            "corrected",
+            label="cloud",
+            planted="sea",
+            asked=True,
+            bbox=box(0, 60, 100, 40),
+            kind="background",
+        ),
+        vreg("dog", "unparsed", planted="wolf", asked=True, bbox=box(80, 80)),  # bad correction
+        vreg("dog", "unparsed", planted="cat", bbox=box(80, 80)),  # no yes/no answer
+        vreg("dog", "accurate", planted="wolf", bbox=box(80, 80)),  # the wrong label passed
+        # unplanted: right labels (one accepted, one rejected), a wrong one, an unmatched one
+        vreg(" Dog", "accurate", bbox=box(1, 0)),
+        vreg("cat", "corrected", label="lynx", asked=True, bbox=box(30, 0)),
+        vreg("tree", "accurate", bbox=box(60, 0)),
+        vreg("dog", "accurate", bbox=box(200, 200)),
+    ]
+    v = records(score_verification([(verified, truth), ([vreg("x", bbox=box(0, 0))], [])]))[0]
+    assert (v["images"], v["regions"], v["planted"]) == (2, 10, 5)
+    assert (v["planted_rejected"], v["planted_restored"]) == (3, 1)
+    assert (v["planted_unparsed"], v["planted_accepted"]) == (2, 1)
+    assert (v["planted_rejected_share"], v["planted_restored_share"]) == (0.6, 0.2)
+    assert (v["planted_unparsed_share"], v["planted_accepted_share"]) == (0.4, 0.2)
+    assert (v["unplanted_right"], v["unplanted_right_accepted"]) == (2, 1)
+    assert v["unplanted_right_accepted_share"] == 0.5
+
+
+def test_score_verification_without_planted_labels_gives_no_shares():
+    v = records(score_verification([([vreg("dog", bbox=box(0, 0))], [])]))[0]
+    assert (v["planted"], v["unplanted_right"]) == (0, 0)
+    assert pd.isna(v["planted_rejected_share"]) and pd.isna(v["unplanted_right_accepted_share"])
+
+
+def test_verification_against_reference_in_json_markdown_and_card(
+    tables, release, verified, tmp_path
+):
+    ref = write(tmp_path / "ref.parquet", [reference_row("a", REF_A)], REFERENCE_SCHEMA)
+    scored = tables | score(release, ref, verified=verified)
+    s = json.loads(json.dumps(summary_dict(scored), allow_nan=False))
+    v = s["against_reference"]["verification"]
+    assert (v["planted"], v["planted_rejected"], v["planted_restored"]) == (1, 1, 1)
+    assert (v["planted_restored_share"], v["planted_accepted_share"]) == (1.0, 0.0)
+    # the sky's box does not match the reference sky; the cat's does (IoU 0.82)
+    assert (v["unplanted_right"], v["unplanted_right_accepted_share"]) == (1, 1.0)
+    text = summary_markdown(scored)
+    assert "| planted labels restored | 1 / 1 (1.000) |" in text
+    assert "| right labels accepted | 1 / 1 (1.000) |" in text
+    card = dataset_card(s, {})
+    assert "of 1 regions shown a deliberately wrong label, 1.000 were rejected" in card

@@ -17,8 +17,8 @@ from hic.demo_training_owlv2 import (
     query_names,
     train_detector,
 )
-from hic.propose_regions import load_vocabulary
 from hic.tiny_models import build_tiny_owlv2
+from hic.vocabulary import load_vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
 VOCABULARY = {

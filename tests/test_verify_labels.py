@@ -6,7 +6,14 @@ from PIL import Image
 
 from conftest import region_shard
 from hic.decoding import GREEDY, Generation
-from hic.verify_labels import VerifySettings, parse_label, verify_batch, verify_shard
+from hic.region_tables import read_rows
+from hic.verify_labels import (
+    VerifySettings,
+    parse_label,
+    planted_wrong_label,
+    verify_batch,
+    verify_shard,
+)
 
 PROMPTS = {"verify": "Is {label} in the {colour} box?", "correct": "Not {label}; what is it?"}
 
@@ -160,3 +167,193 @@ def test_verification_parts_of_another_prompt_are_discarded(tmp_path):
     prompts = {**PROMPTS, "verify": "Is {label} really in the {colour} box?"}
     summary = verify(out=tmp_path / "verified.parquet", prompts=prompts, backend=backend)
     assert backend.asked == [f"r{i}" for i in range(7)] and summary["resumed_regions"] == 0
+
+
+# ------------------------------------------------------------------ planted wrong labels
+VOCABULARY = {"things": ["dog", "cat", "wolf", "night heron"], "stuff": ["sky", "grass", "sea"]}
+
+
+def region(i, label="dog", kind="foreground"):
+    return {"key": f"{i // 3:016x}", "label": label, "kind": kind, "bbox": [i, 2.0, 10.0, 5.0]}
+
+
+def test_planting_is_a_deterministic_share_of_other_labels_of_the_same_kind():
+    regions = [region(i, "Dog") for i in range(2000)] + [
+        region(i, "sky", "background") for i in range(2000)
+    ]
+    planted = [planted_wrong_label(r, 0.25, 7, VOCABULARY) for r in regions]
+    assert planted == [planted_wrong_label(r, 0.25, 7, VOCABULARY) for r in regions]
+    share = sum(p is not None for p in planted) / len(planted)
+    assert 0.22 < share < 0.28
+    foreground, background = set(planted[:2000]) - {None}, set(planted[2000:]) - {None}
+    assert foreground == {"cat", "wolf", "night heron"}  # never the region's own ("Dog")
+    assert background == {"grass", "sea"}
+    other_seed = [planted_wrong_label(r, 0.25, 8, VOCABULARY) for r in regions]
+    assert other_seed != planted
+
+
+def test_planting_depends_on_the_region_not_on_the_vocabulary_order():
+    shuffled = {k: list(reversed(v)) for k, v in VOCABULARY.items()}
+    regions = [region(i) for i in range(200)]
+    assert [planted_wrong_label(r, 0.5, 0, VOCABULARY) for r in regions] == [
+        planted_wrong_label(r, 0.5, 0, shuffled) for r in regions
+    ]
+
+
+def test_no_planting_at_share_zero_and_a_clear_error_without_a_vocabulary():
+    assert all(planted_wrong_label(region(i), 0.0, 0, None) is None for i in range(500))
+    with pytest.raises(ValueError, match="plant_wrong is 1.0, but no vocabulary"):
+        planted_wrong_label(region(0), 1.0, 0, None)
+    with pytest.raises(ValueError, match="kind 'mask'"):
+        planted_wrong_label(region(0, kind="mask"), 1.0, 0, VOCABULARY)
+    with pytest.raises(ValueError, match="no stuff name other than 'sky'"):
+        planted_wrong_label(region(0, "sky", "background"), 1.0, 0, {"stuff": ["Sky"]})
+
+
+class Truthful:
+    """Says yes to the true label only and names it when asked for a correction."""
+
+    decoding = GREEDY
+
+    def __init__(self, truth: str):
+        self.truth, self.asked = truth, []
+
+    def choice_probabilities(self, images, prompts, choices):
+        labels = [p.removeprefix("Is ").split(" in the ")[0] for p in prompts]
+        self.asked += labels
+        return [
+            {"yes": 0.9, "no": 0.1} if x == self.truth else {"yes": 0.1, "no": 0.9} for x in labels
+        ]
+
+    def generate(self, images, prompts, max_new_tokens):
+        return [Generation(f"A {self.truth}.", "stop")] * len(prompts)
+
+
+def region_views(n):
+    return [(region(i), Image.new("RGB", (8, 8))) for i in range(n)]
+
+
+def test_planted_labels_are_asked_about_rejected_and_corrected_back():
+    backend = Truthful("dog")
+    settings = VerifySettings(plant_wrong=0.5)
+    rows = verify_batch(region_views(40), backend, PROMPTS, settings, VOCABULARY)
+    planted = [r for r in rows if r["planted_label"] is not None]
+    kept = [r for r in rows if r["planted_label"] is None]
+    assert 10 < len(planted) < 30 and kept
+    # the model saw the planted label, and corrected it back to the detector's
+    assert backend.asked == [r["planted_label"] or "dog" for r in rows]
+    for r in planted:
+        assert r["planted_label"] != "dog" and r["original_label"] == "dog"
+        assert (r["verdict"], r["label"]) == ("corrected", "dog")
+        assert r["correct_generation"] is not None
+    assert all(
+        (r["verdict"], r["label"], r["original_label"]) == ("accurate",) + ("dog",) * 2
+        for r in kept
+    )
+
+
+def test_an_accepted_planted_label_stays_the_label():
+    (row,) = verify_batch(
+        region_views(1),
+        Scripted({"cat": 0.9}, "dog"),
+        PROMPTS,
+        VerifySettings(plant_wrong=1.0),
+        {"things": ["cat", "dog"]},
+    )
+    assert (row["label"], row["planted_label"], row["original_label"]) == ("cat", "cat", "dog")
+    assert row["verdict"] == "accurate"
+
+
+def test_planting_does_not_depend_on_the_batch():
+    settings = VerifySettings(plant_wrong=0.5)
+    views_ = region_views(30)
+    whole = verify_batch(views_, Truthful("dog"), PROMPTS, settings, VOCABULARY)
+    split = [
+        row
+        for part in (views_[20:], views_[:7], views_[7:20])
+        for row in verify_batch(part, Truthful("dog"), PROMPTS, settings, VOCABULARY)
+    ]
+    by_box = {tuple(r["bbox"]): r["planted_label"] for r in split}
+    assert [r["planted_label"] for r in whole] == [by_box[tuple(r["bbox"])] for r in whole]
+
+
+class RightAboutR:
+    """The region shard's labels (r0, r1, ...) are right; anything else is "horse"."""
+
+    decoding = GREEDY
+
+    def choice_probabilities(self, images, prompts, choices):
+        labels = [p.split()[1] for p in prompts]
+        return [{"yes": 0.9 * x.startswith("r"), "no": 1 - 0.9 * x.startswith("r")} for x in labels]
+
+    def generate(self, images, prompts, max_new_tokens):
+        return [Generation("horse", "stop")] * len(prompts)
+
+
+def test_a_shard_records_planted_labels_and_plants_none_by_default(tmp_path):
+    regions, tar, status = region_shard(tmp_path, LABELS)
+    verify = partial(
+        verify_shard,
+        regions,
+        tar,
+        status,
+        prompts=PROMPTS,
+        backend=RightAboutR(),
+        identity={"model": "scripted"},
+        vocabulary=VOCABULARY,
+    )
+    summary = verify(tmp_path / "plain.parquet", settings=VerifySettings())
+    plain = read_rows(tmp_path / "plain.parquet")
+    assert summary["planted"] == 0 and all(r["planted_label"] is None for r in plain)
+    assert {r["verdict"] for r in plain} == {"accurate"}
+    settings = VerifySettings(plant_wrong=0.5, plant_seed=3)
+    summary = verify(tmp_path / "planted.parquet", settings=settings)
+    rows = read_rows(tmp_path / "planted.parquet")
+    expected = [planted_wrong_label(r, 0.5, 3, VOCABULARY) for r in plain]
+    assert [r["planted_label"] for r in rows] == expected and summary["planted"] == sum(
+        p is not None for p in expected
+    ) > 0
+    for r in rows:
+        planted = r["planted_label"] is not None
+        assert r["verdict"] == ("corrected" if planted else "accurate")
+        assert r["label"] == ("horse" if planted else r["original_label"])
+
+
+def test_a_killed_planted_verification_resumes_to_the_same_rows(tmp_path):
+    regions, tar, status = region_shard(tmp_path, LABELS)
+    verify = partial(
+        verify_shard,
+        regions,
+        tar,
+        status,
+        prompts=PROMPTS,
+        settings=VerifySettings(batch_size=2, plant_wrong=0.5),
+        identity={"model": "scripted"},
+        flush_every=1,
+        vocabulary=VOCABULARY,
+    )
+    verify(out=tmp_path / "whole.parquet", backend=RightAboutR())
+
+    class Dying(RightAboutR):
+        calls = 0
+
+        def choice_probabilities(self, images, prompts, choices):
+            self.calls += 1
+            if self.calls == 3:
+                raise KeyboardInterrupt
+            return super().choice_probabilities(images, prompts, choices)
+
+    with pytest.raises(KeyboardInterrupt):
+        verify(out=tmp_path / "verified.parquet", backend=Dying())
+    summary = verify(out=tmp_path / "verified.parquet", backend=RightAboutR())
+    assert summary["resumed_regions"] == 4
+    assert read_rows(tmp_path / "verified.parquet") == read_rows(tmp_path / "whole.parquet")
+
+
+def test_verification_parts_of_another_plant_seed_are_discarded(tmp_path):
+    verify = killed_shard(tmp_path)
+    settings = VerifySettings(batch_size=2, plant_seed=1)
+    summary = verify(
+        out=tmp_path / "verified.parquet", prompts=PROMPTS, backend=Counting(), settings=settings
+    )
+    assert summary["resumed_regions"] == 0

@@ -404,8 +404,26 @@ def _reference_lines(scores: dict | None) -> list[str]:
         f"captions: {_figure(scene['name_share_reference'])} and "
         f"{_figure(scene['colour_share_reference'])}).",
         "",
+        _verification_line(scores["verification"]),
+        "",
     ]
     return lines
+
+
+def _verification_line(v: dict) -> str:
+    right = (
+        f"of the {v['unplanted_right']} regions whose label is the reference's, "
+        f"{_figure(v['unplanted_right_accepted_share'])} were accepted."
+    )
+    if not v["planted"]:
+        return f"Label verification (no wrong labels were planted): {right}"
+    return (
+        f"Label verification: of {v['planted']} regions shown a deliberately wrong label, "
+        f"{_figure(v['planted_rejected_share'])} were rejected, "
+        f"{_figure(v['planted_restored_share'])} corrected back to their own label, "
+        f"{_figure(v['planted_unparsed_share'])} unparsed and "
+        f"{_figure(v['planted_accepted_share'])} accepted; {right}"
+    )
 
 
 def _tiny_models(models: dict) -> list[str]:

@@ -16,7 +16,9 @@ Only the scores against reference annotations (the demo world: ``against_referen
 release shards: region recall and precision at an IoU threshold, overall and per kind, the label
 accuracy of matched regions, and how well the short scene captions name the reference's objects
 and their colours. With the demo's random tiny models these are near zero; they measure
-trained ones.
+trained ones. Label verification is scored from the verified region tables (``hic.region_tables.
+VERIFIED_SCHEMA``), which keep what the release drops: the labels planted deliberately wrong
+(``verify_labels.plant_wrong``) and the labels the verifier was shown.
 """
 
 from __future__ import annotations
@@ -278,6 +280,104 @@ def scene_caption_scores(
     )
 
 
+#: Columns of the verified region tables that ``score_verification`` reads.
+VERIFIED_COLUMNS = [
+    "key",
+    "label",
+    "original_label",
+    "planted_label",
+    "bbox",
+    "kind",
+    "verdict",
+    "correct_generation",
+]
+
+
+def _same_label(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and normalise_label(a) == normalise_label(b)
+
+
+def score_verification(
+    images: Sequence[tuple[Sequence[dict], Sequence[dict]]], iou_threshold: float = 0.5
+) -> pd.DataFrame:
+    """How label verification treats labels known to be wrong, and labels known to be right
+    (one row).
+
+    ``images`` holds per image (its verified regions, with ``VERIFIED_COLUMNS``; its reference
+    regions, empty when it has none). A planted region (``planted_label`` set: the verifier was
+    shown a deliberately wrong label) is ``accepted`` when its verdict is accurate,
+    ``rejected`` when the model answered no (a correction was asked: ``correct_generation`` is
+    set), ``restored`` when that correction is the label before planting (``original_label``,
+    after ``normalise_label``) and ``unparsed`` by its verdict; a rejected label whose
+    correction did not parse is both rejected and unparsed, and one the model did not answer
+    about is neither accepted nor rejected. Regions without a planted label are matched
+    one-to-one to the reference boxes (``match_pairs``, kinds pooled, every verified box
+    taking part); those whose label is their match's are ``unplanted_right``, of which
+    ``unplanted_right_accepted`` kept the verdict accurate. Shares with a zero denominator
+    are None.
+    """
+    n = dict.fromkeys(
+        (
+            "planted",
+            "planted_accepted",
+            "planted_rejected",
+            "planted_restored",
+            "planted_unparsed",
+            "unplanted_right",
+            "unplanted_right_accepted",
+        ),
+        0,
+    )
+    for verified, truth in images:
+        for r in verified:
+            if r["planted_label"] is not None:
+                n["planted"] += 1
+                n["planted_accepted"] += r["verdict"] == "accurate"
+                n["planted_rejected"] += r["correct_generation"] is not None
+                n["planted_restored"] += r["verdict"] == "corrected" and _same_label(
+                    r["label"], r["original_label"]
+                )
+                n["planted_unparsed"] += r["verdict"] == "unparsed"
+        pairs = match_pairs(
+            [r["bbox"] for r in verified], [r["bbox"] for r in truth], iou_threshold
+        )
+        right = [
+            verified[i]
+            for i, j in pairs
+            if verified[i]["planted_label"] is None
+            and _same_label(verified[i]["original_label"], truth[j]["label"])
+        ]
+        n["unplanted_right"] += len(right)
+        n["unplanted_right_accepted"] += sum(r["verdict"] == "accurate" for r in right)
+    shares = {
+        f"{k}_share": _share(n[k], n["planted"])
+        for k in ("planted_accepted", "planted_rejected", "planted_restored", "planted_unparsed")
+    }
+    return pd.DataFrame(
+        [
+            {
+                "images": len(images),
+                "regions": sum(len(v) for v, _ in images),
+                **n,
+                **shares,
+                "unplanted_right_accepted_share": _share(
+                    n["unplanted_right_accepted"], n["unplanted_right"]
+                ),
+                "iou_threshold": iou_threshold,
+            }
+        ]
+    )
+
+
+def _verified_regions(files: Sequence[Path]) -> dict[str, list[dict]]:
+    """key -> the image's rows of the verified region tables (``VERIFIED_COLUMNS``)."""
+    by_key: dict[str, list[dict]] = {}
+    for path in files:
+        for r in pq.read_table(path, columns=VERIFIED_COLUMNS).to_pylist():
+            by_key.setdefault(r["key"], []).append(r)
+    return by_key
+
+
 def _release_rows(files: Sequence[Path], keys: list[str]) -> dict[str, dict]:
     """The release rows whose key is in ``keys``: the columns scored against the reference."""
     con = duckdb.connect()
@@ -294,23 +394,31 @@ def against_reference(
     release_files: Sequence[Path],
     reference: Path,
     *,
+    verified_files: Sequence[Path],
     iou_threshold: float = 0.5,
     colours: Collection[str],
 ) -> dict[str, pd.DataFrame]:
     """The release scored against reference annotations (the demo world): ``region_recall``
-    (``score_regions``) and ``scene_captions`` (``scene_caption_scores``).
+    (``score_regions``) and ``scene_captions`` (``scene_caption_scores``); the verified region
+    tables ``verified_files``: ``verification`` (``score_verification``).
 
     A reference image missing from the release counts as all-missed and as without an ok
-    caption; release images without a reference are ignored (nothing to score).
+    caption; release images without a reference are ignored (nothing to score). Verification
+    is scored over every verified image, those without a reference for planted labels only.
     """
     ref = pq.read_table(reference, columns=["key", "short_caption", "regions"]).to_pylist()
     release = _release_rows(release_files, [r["key"] for r in ref])
     images = [(release.get(r["key"]), r) for r in ref]
+    truth = {r["key"]: r["regions"] for r in ref}
+    verified = _verified_regions(verified_files)
     return {
         "region_recall": score_regions(
             [(row and row["regions"], r["regions"]) for row, r in images], iou_threshold
         ),
         "scene_captions": scene_caption_scores(images, colours),
+        "verification": score_verification(
+            [(regions, truth.get(key, [])) for key, regions in verified.items()], iou_threshold
+        ),
     }
 
 
@@ -399,6 +507,9 @@ def _against_reference(tables: dict[str, pd.DataFrame]) -> dict | None:
         },
         "scene_captions": {
             k: _optional(v) for k, v in tables["scene_captions"].to_dict("records")[0].items()
+        },
+        "verification": {
+            k: _optional(v) for k, v in tables["verification"].to_dict("records")[0].items()
         },
     }
 
@@ -513,6 +624,27 @@ def _reference_markdown(tables: dict[str, pd.DataFrame]) -> list[str]:
         f"| {ceiling('name_share_reference')} |",
         f"| object colours named | {_ratio(scene['colours_named'], scene['objects'])} "
         f"| {ceiling('colour_share_reference')} |",
+        "",
+        *_verification_markdown(tables["verification"].to_dict("records")[0]),
+    ]
+
+
+def _verification_markdown(v: dict) -> list[str]:
+    planted = v["planted"]
+    return [
+        "Label verification on labels known wrong: regions shown a deliberately wrong label "
+        "(verify_labels.plant_wrong; rejected: the model answered no; restored: its correction "
+        "is the label before planting); and on labels known right: unplanted regions matched "
+        f"to a reference region (IoU >= {v['iou_threshold']:g}) whose label they carry.",
+        "",
+        "| measure | regions |",
+        "| --- | --- |",
+        f"| planted labels rejected | {_ratio(v['planted_rejected'], planted)} |",
+        f"| planted labels restored | {_ratio(v['planted_restored'], planted)} |",
+        f"| planted labels unparsed | {_ratio(v['planted_unparsed'], planted)} |",
+        f"| planted labels accepted | {_ratio(v['planted_accepted'], planted)} |",
+        "| right labels accepted | "
+        f"{_ratio(v['unplanted_right_accepted'], v['unplanted_right'])} |",
         "",
     ]
 

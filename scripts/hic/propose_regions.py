@@ -55,11 +55,6 @@ class ProposeSettings:
     background_iou: float = 0.3
 
 
-def load_vocabulary(path: Path) -> list[str]:
-    lines = (line.strip().lower() for line in Path(path).read_text().splitlines())
-    return [line for line in lines if line and not line.startswith("#")]
-
-
 # Closed-class words: they end or open a noun phrase and are never names. A finite list, so
 # hand-written; everything open-class (nouns, adjectives, verbs) is looked up in lemminflect.
 _SINGULAR_DETERMINERS = frozenset("a an one this that each every another either".split())

@@ -32,11 +32,14 @@ def _extend(schema: pa.Schema, *fields: tuple[str, pa.DataType]) -> pa.Schema:
 SELECTED_SCHEMA = _extend(PROPOSAL_SCHEMA, ("rank", pa.int32()))
 VERIFIED_SCHEMA = _extend(
     SELECTED_SCHEMA,
-    ("original_label", pa.string()),
+    ("original_label", pa.string()),  # the detector's
+    # the wrong label shown instead (verify_labels.plant_wrong); null when none was planted
+    ("planted_label", pa.string()),
     ("verdict", pa.string()),  # accurate | corrected | unparsed
     ("p_accurate", pa.float64()),  # P(yes) / (P(yes) + P(no)); null when both are 0
     ("verify_reason", pa.string()),  # why unparsed
-    ("correct_generation", pa.string()),  # JSON of the correction's decoding, when one was asked
+    # JSON of the correction's decoding, when one was asked (the label was rejected)
+    ("correct_generation", pa.string()),
 )
 CAPTIONED_SCHEMA = _extend(
     VERIFIED_SCHEMA,
