@@ -47,6 +47,7 @@ from transformers.loss.loss_for_object_detection import (
 
 from hic import demo_world
 from hic.tiny_models import clip_tokenizer
+from hic.vocabulary import load_vocabulary
 
 # Training and held-out scenes come from streams no demo run uses: write_world draws from
 # SeedSequence(seed) and its children; these entropy words make different streams.
@@ -378,7 +379,5 @@ def held_out_recall(
 def train_demo(out_dir: Path, inputs: dict[str, Path], *, seed: int = 0, log=print) -> dict:
     """The workflow's entry (rule train_demo_model): ``inputs`` holds the proposal
     vocabulary's ``things`` and ``stuff`` files, whose names the detector learns to score."""
-    from hic.propose_regions import load_vocabulary
-
     vocabulary = [*load_vocabulary(inputs["things"]), *load_vocabulary(inputs["stuff"])]
     return train_detector(out_dir, vocabulary, seed=seed, log=log)
