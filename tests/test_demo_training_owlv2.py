@@ -1,5 +1,6 @@
 """The demo's tiny OWLv2, trained on demo scenes of its own seed, finds the demo's regions."""
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from hic.demo_training_owlv2 import (
     demo_scenes,
     held_out_recall,
     query_names,
+    train_demo,
     train_detector,
 )
 from hic.tiny_models import build_tiny_owlv2
@@ -59,8 +61,11 @@ def test_queries_cover_the_demo_labels_and_caption_words():
 
 def test_training_is_deterministic(tmp_path):
     tiny = replace(SHORT, scenes=32, steps=3, warmup=1)
+    # through the workflow's entry, which reads the vocabulary files
+    files = {kind: REPO / "data" / "vocabulary" / f"{kind}.txt" for kind in ("things", "stuff")}
     for name in ("a", "b"):
-        train_detector(tmp_path / name, NAMES, seed=0, recipe=tiny, log=lambda _: None)
+        train_demo(tmp_path / name, files, seed=0, recipe=tiny, log=lambda _: None)
+    assert json.loads((tmp_path / "a" / "hic_model.json").read_text())["queries"] > len(NAMES)
     a = (tmp_path / "a" / "model.safetensors").read_bytes()
     assert a == (tmp_path / "b" / "model.safetensors").read_bytes()
 

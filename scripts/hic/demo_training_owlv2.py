@@ -376,8 +376,15 @@ def held_out_recall(
     return out
 
 
-def train_demo(out_dir: Path, inputs: dict[str, Path], *, seed: int = 0, log=print) -> dict:
-    """The workflow's entry (rule train_demo_model): ``inputs`` holds the proposal
-    vocabulary's ``things`` and ``stuff`` files, whose names the detector learns to score."""
+def train_demo(
+    out_dir: Path,
+    inputs: dict[str, Path],
+    *,
+    seed: int = 0,
+    log=print,
+    recipe: DetectorRecipe | None = None,
+) -> dict:
+    """The workflow's entry (train_demo_model): ``inputs`` holds the proposal vocabulary's
+    ``things`` and ``stuff`` files, whose names the detector learns to score."""
     vocabulary = [*load_vocabulary(inputs["things"]), *load_vocabulary(inputs["stuff"])]
-    return train_detector(out_dir, vocabulary, seed=seed, log=log)
+    return train_detector(out_dir, vocabulary, seed=seed, recipe=recipe, log=log)
