@@ -12,16 +12,23 @@ demo URL list's or the benchmark's), rendered on the fly and stored as the demo'
   box's side as SAM's training does (the detector's boxes are imperfect), and SAM's single
   mask output (``multimask_output=False``: the first mask token) learns the object's visible
   mask;
-- point prompts: one random visible pixel of each object and of each band, as the automatic
+- point prompts: a random visible pixel of one object and of each band, as the automatic
   mask generator's point grid lands on them. The three multimask outputs answer it, and the
-  one closest to the region's mask learns (SAM's minimum over its outputs), so the generator's
-  masks cover whole objects and bands.
+  one closest to the region's mask learns (SAM's minimum over its outputs).
 
-Inputs go through segment-anything's own path (``ResizeLongestSide``, ``Sam.preprocess``,
-the prompt encoder, the mask decoder, ``Sam.postprocess_masks`` back to the image's pixels).
-The loss is SAM's: focal and dice on the masks (20:1), and the mean squared error of the IoU
-head's prediction against each mask's actual IoU, which the generator ranks and filters by.
-Everything is seeded: on one CPU thread a run is deterministic.
+Inputs go through segment-anything's own path (``ResizeLongestSide``, ``Sam.preprocess``, the
+prompt encoder, the mask decoder); the decoder's low-resolution logits are compared with the
+masks brought to that grid (``low_res_targets``). The loss is SAM's: focal and dice on the
+masks (1:1 here, see ``SamRecipe``), and the mean squared error of the IoU head's prediction
+against each mask's actual IoU, which the generator filters and ranks by. Everything is
+seeded: on one CPU thread a run is deterministic.
+
+Measured (bench/demo_sam.py, 100 held-out scenes; 64 s of training on one thread): box
+prompts give masks of IoU 0.48 with the objects' visible pixels (random SAM: 0.02), and 78%
+of the masks' tight boxes keep IoU >= 0.5 with the reference box (random: 0). Behind the demo
+OWLv2, foreground recall rises from 0.23 without SAM (0 with the random one) to 0.32. Points
+on objects still mostly answer with band-like masks (IoU 0.02): the budget buys box prompts
+and bands, not point-prompted objects.
 """
 
 from __future__ import annotations
@@ -296,7 +303,7 @@ def train_sam(out_dir: Path, recipe: SamRecipe | None = None, *, seed: int = 0, 
         "seed": seed,
         "recipe": asdict(recipe),
         "steps_done": step,
-        "final_loss": {k: round(v, 4) for k, v in parts.items()},
+        "final_step": {k: round(v, 4) for k, v in parts.items()},  # losses, box masks' IoU
         "seconds": round(time.perf_counter() - start, 1),
         "parameters": sum(p.numel() for p in sam.parameters()),
     }
