@@ -14,6 +14,7 @@ from hic.demo_training_sam import (
     example,
     examples,
     held_out_masks,
+    train_demo,
     train_sam,
 )
 from hic.models import ModelRef
@@ -60,8 +61,9 @@ def test_prompts_ask_for_the_visible_masks():
 
 def test_training_is_deterministic_and_loads_as_sam(tmp_path):
     tiny = replace(SHORT, steps=2, batch_size=2, warmup=1)
+    # through train_demo, the workflow's entry (rule train_demo_model: SAM has no inputs)
     for name in ("a", "b"):
-        train_sam(tmp_path / name, tiny, seed=0, log=lambda _: None)
+        train_demo(tmp_path / name, {}, seed=0, log=lambda _: None, recipe=tiny)
     a = (tmp_path / "a" / "sam.pth").read_bytes()
     assert a == (tmp_path / "b" / "sam.pth").read_bytes()
     sam = load_sam(ModelRef(str(tmp_path / "a")), device="cpu")

@@ -311,6 +311,21 @@ def train_sam(out_dir: Path, recipe: SamRecipe | None = None, *, seed: int = 0, 
     return summary
 
 
+def train_demo(
+    out_dir: Path,
+    inputs: dict[str, Path],
+    *,
+    seed: int = 0,
+    log=print,
+    recipe: SamRecipe | None = None,
+) -> dict:
+    """The workflow's entry (train_demo_model): SAM reads no inputs, the demo world is all it
+    learns from (``inputs`` is empty)."""
+    if inputs:
+        raise ValueError(f"the demo SAM reads no inputs, got {sorted(inputs)}")
+    return train_sam(out_dir, recipe, seed=seed, log=log)
+
+
 def _fmt(parts: dict[str, float]) -> str:
     return " ".join(f"{k} {v:.3f}" for k, v in parts.items())
 
