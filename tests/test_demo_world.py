@@ -94,6 +94,38 @@ def test_each_class_is_drawn_exactly_inside_its_bbox(label: str) -> None:
     assert purple.mean() > 0.15, f"{label} barely shows its colour"
 
 
+@pytest.mark.parametrize("label", sorted(dw.CLASSES))
+def test_a_lone_objects_mask_is_exactly_what_render_draws(label: str) -> None:
+    base = scenes(1)[0]
+    obj = dw.SceneObject(label, "purple", "large", (20, 10, 40, 36), "center")
+    alone = replace(base, objects=(obj,))
+    plain = np.asarray(dw.render(replace(base, objects=())))
+    drawn = (np.asarray(dw.render(alone)) != plain).any(axis=2)
+    (mask,) = dw.object_masks(alone)
+    assert np.array_equal(mask, drawn)
+    ys, xs = np.nonzero(mask)
+    assert (xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) == obj.bbox
+
+
+def test_object_masks_are_the_visible_pixels_in_drawing_order() -> None:
+    for s in scenes(30):
+        masks, bands = dw.object_masks(s), dw.band_masks(s)
+        assert [m.shape for m in masks + bands] == [(H, W)] * (len(s.objects) + 2)
+        image = np.asarray(dw.render(s))
+        for i in range(len(s.objects)):
+            without = replace(s, objects=s.objects[:i] + s.objects[i + 1 :])
+            changed = (np.asarray(dw.render(without)) != image).any(axis=2)
+            # Nothing outside its visible pixels changes; inside, only pixels over an object
+            # drawn before it (it may share the colour) can stay the same.
+            under = np.zeros((H, W), dtype=bool)
+            for m in dw.object_masks(replace(s, objects=s.objects[:i])):
+                under |= m
+            assert not (changed & ~masks[i]).any()
+            assert not (masks[i] & ~changed & ~under).any()
+        # Objects, then the bands around them, cover every pixel exactly once.
+        assert np.array_equal(np.sum(masks + bands, axis=0), np.ones((H, W)))
+
+
 def test_objects_stay_visible_against_their_background() -> None:
     for s in scenes(200):
         clashes = dw.BANDS[s.upper].clashes + dw.BANDS[s.lower].clashes

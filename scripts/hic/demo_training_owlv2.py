@@ -301,10 +301,13 @@ def held_out_recall(
     sam_dir: Path | None = None,
     select: dict | None = None,
     iou_threshold: float = 0.5,
+    propose: dict | None = None,
 ) -> dict:
     """Region recall and precision at IoU >= ``iou_threshold`` on ``n`` held-out scenes, through
     propose_regions' ``Detector`` (and, with ``sam_dir``, ``image_proposals`` with that SAM)
-    and select_regions' ``select`` (``select`` settings; None skips selection).
+    and select_regions' ``select`` (``select`` settings; None skips selection). ``propose``
+    overrides the ``ProposeSettings`` used with SAM (automatic masks: 8 points a side, quality
+    thresholds at 0, which a random SAM needs).
 
     ``queries``: "caption" queries what propose_regions finds in the reference long caption
     (a VLM that captions right), "vocabulary" the whole vocabulary (its fallback)."""
@@ -318,11 +321,14 @@ def held_out_recall(
     stuff = set(vocabulary["stuff"])
     scenes = demo_scenes(HELD_OUT_STREAM, seed, n)
     settings = ProposeSettings(
-        detector_threshold=threshold,
-        top_k=top_k,
-        points_per_side=8,
-        pred_iou_thresh=0.0,
-        stability_score_thresh=0.0,
+        **{
+            "points_per_side": 8,
+            "pred_iou_thresh": 0.0,
+            "stability_score_thresh": 0.0,
+            **(propose or {}),
+            "detector_threshold": threshold,
+            "top_k": top_k,
+        }
     )
     sam = None
     if sam_dir is not None:

@@ -200,7 +200,14 @@ CLASSES: dict[str, ObjectClass] = {
 }
 
 
-def _draw_object(d: ImageDraw.ImageDraw, bbox: XYWH, colour: RGB, parts: tuple[Part, ...]) -> None:
+def _draw_object(
+    d: ImageDraw.ImageDraw,
+    bbox: XYWH,
+    colour: RGB,
+    parts: tuple[Part, ...],
+    ink: int | None = None,
+) -> None:
+    """Paint the parts in order; ``ink`` paints every part in that one value (a mask canvas)."""
     x0, y0, w, h = bbox[0], bbox[1], bbox[2] - 1, bbox[3] - 1  # PIL corners are inclusive
     paints = {
         "c": colour,
@@ -212,7 +219,7 @@ def _draw_object(d: ImageDraw.ImageDraw, bbox: XYWH, colour: RGB, parts: tuple[P
     }
     for primitive, geometry, paint in parts:
         xy = [x0 + g * w if k % 2 == 0 else y0 + g * h for k, g in enumerate(geometry)]
-        _PRIMITIVES[primitive](d, xy, paints[paint])
+        _PRIMITIVES[primitive](d, xy, paints[paint] if ink is None else ink)
 
 
 # ---------------------------------------------------------------- background bands
@@ -399,6 +406,38 @@ def render(scene: Scene) -> Image.Image:
     for o in scene.objects:
         _draw_object(d, o.bbox, COLOURS[o.colour], CLASSES[o.label].parts)
     return img
+
+
+def _silhouette(scene: Scene, o: SceneObject) -> np.ndarray:
+    """Boolean H x W: every pixel ``render`` paints for the object, whatever the paint."""
+    canvas = Image.new("L", (scene.width, scene.height))
+    _draw_object(ImageDraw.Draw(canvas), o.bbox, (255, 255, 255), CLASSES[o.label].parts, ink=255)
+    return np.asarray(canvas) > 0
+
+
+def object_masks(scene: Scene) -> list[np.ndarray]:
+    """Each object's visible pixels (boolean H x W, in ``scene.objects`` order): its
+    silhouette minus the pixels of the objects drawn after it."""
+    masks, in_front = [], np.zeros((scene.height, scene.width), dtype=bool)
+    for o in reversed(scene.objects):
+        silhouette = _silhouette(scene, o)
+        masks.append(silhouette & ~in_front)
+        in_front |= silhouette
+    return masks[::-1]
+
+
+def band_masks(scene: Scene) -> list[np.ndarray]:
+    """The upper and the lower band's visible pixels (boolean H x W): the band minus objects."""
+    objects = np.zeros((scene.height, scene.width), dtype=bool)
+    for mask in object_masks(scene):
+        objects |= mask
+    bands = []
+    for tier in ("upper", "lower"):
+        x, y, w, h = scene.band_bbox(tier)
+        band = np.zeros_like(objects)
+        band[y : y + h, x : x + w] = True
+        bands.append(band & ~objects)
+    return bands
 
 
 # ---------------------------------------------------------------- text

@@ -210,22 +210,27 @@ class EncodeOnce(SamPredictor):
             super().reset_image()
 
 
-def box_masks(predictor: EncodeOnce, image: np.ndarray, boxes: list[Box]) -> list[tuple[Box, int]]:
-    """Per [x, y, w, h] box prompt: the tight box of SAM's mask and the mask's pixel area.
+def box_prompt_masks(predictor: EncodeOnce, image: np.ndarray, boxes: list[Box]) -> np.ndarray:
+    """SAM's single mask per [x, y, w, h] box prompt: boolean N x H x W in ``image``'s pixels.
 
-    ``image`` is H x W x 3 uint8 RGB; boxes and results are in its pixels. The image is
-    encoded once (or not at all, when ``predictor`` holds it already) and all boxes are
-    decoded in one batch.
+    ``image`` is H x W x 3 uint8 RGB. The image is encoded once (or not at all, when
+    ``predictor`` holds it already) and all boxes are decoded in one batch.
     """
-    if not boxes:
-        return []
     predictor.set_image(image)
     xywh = torch.as_tensor(boxes, dtype=torch.float, device=predictor.device)
     xyxy = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
     prompts = predictor.transform.apply_boxes_torch(xyxy, image.shape[:2])
     masks, _, _ = predictor.predict_torch(None, None, boxes=prompts, multimask_output=False)
+    return masks[:, 0].cpu().numpy()
+
+
+def box_masks(predictor: EncodeOnce, image: np.ndarray, boxes: list[Box]) -> list[tuple[Box, int]]:
+    """Per [x, y, w, h] box prompt: the tight box of SAM's mask and the mask's pixel area, in
+    ``image``'s pixels (see ``box_prompt_masks``)."""
+    if not boxes:
+        return []
     results = []
-    for box, mask in zip(boxes, masks[:, 0].cpu().numpy(), strict=True):
+    for box, mask in zip(boxes, box_prompt_masks(predictor, image, boxes), strict=True):
         # An empty mask has no box of its own: keep the prompt's, so each object keeps a region
         # (its zero area tells the caller SAM found nothing there).
         tight = _mask_box(mask)
