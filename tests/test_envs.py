@@ -125,6 +125,6 @@ def test_rule_anatomy(block):
     for directive in ("input", "output"):
         for entry in found[directive]:
             if not entry.startswith(("**", ")", "]", "}")) and re.match(r"[\w\"(]", entry):
-                assert re.match(r"\w+=", entry) or entry.startswith(("[", "{")), (
-                    f"{directive} {entry!r} is not named"
-                )
+                # unpack() of an input function that returns a dict: named inputs too
+                named = entry.startswith(("[", "{", "unpack("))
+                assert re.match(r"\w+=", entry) or named, f"{directive} {entry!r} is not named"

@@ -47,7 +47,6 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from transformers import get_cosine_schedule_with_warmup
 
 from hic import demo_world as dw
-from hic.demo_training_vlm import as_downloaded
 from hic.segment import CONFIG_NAME, TINY_SAM_CONFIG, WEIGHTS_NAME, sam_from_config
 
 # Training and held-out scenes come from streams no demo run uses: write_world draws from
@@ -139,7 +138,7 @@ def example(scene: dw.Scene, box_noise: float, rng: np.random.Generator) -> Exam
     ]
     w, h = scene.width, scene.height
     return Example(
-        pixels=np.asarray(as_downloaded(scene)),
+        pixels=np.asarray(dw.as_downloaded(scene)),
         bboxes=np.array([o.bbox for o, _ in shown], dtype=float),
         boxes=np.array([_noisy_box(o.bbox, box_noise, rng, w, h) for o, _ in shown]),
         box_targets=np.stack(objects),

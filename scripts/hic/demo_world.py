@@ -723,6 +723,12 @@ def _jpeg(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def as_downloaded(scene: Scene) -> Image.Image:
+    """The scene as the workflow's stages read it: rendered and stored as the demo's JPEG, so
+    models trained on it see the same compression artefacts."""
+    return Image.open(io.BytesIO(_jpeg(render(scene)))).convert("RGB")
+
+
 # write_world spawns streams 0-2 of SeedSequence(seed); the classification set takes the next.
 _CLASSIFY_STREAM = 3
 
