@@ -1,33 +1,35 @@
-"""Train the demo's tiny Qwen2.5-VL on the demo world, so that scene captioning decides with
-real signal (issue 14).
+"""Train the demo's tiny Qwen2.5-VL on the demo world for every VLM stage of the workflow
+(issue 14): scene captions, label verification and correction, region captions and their
+refinement, so that each stage decides with real signal.
 
-Trained from scratch on scene captions alone, the tiny model writes fluent captions with the
-right background but guesses the objects: its vision tower, taught only through captions,
-does not learn shapes. So the tower is taught to see first (``pretrain_vision``: object crops
-classified by class and colour through a linear head used only there), and each caption step
-also carries per-object supervision: the reference box of an object, cropped with some
-context, asked for in a short prompt without a system turn (a few tokens, so it is cheap) and
-answered "<Colour> <class>". The scene tasks are taught exactly as the stage asks them: the
-stage's prompt files, the processor and chat template (its default system turn included), the
-stage's pixel limits, and answers in the format ``hic.text.parse_caption`` accepts within the
-stage's token budgets.
+Each task is taught exactly as its stage asks it: the stage's prompt files, the processor and
+chat template (its default system turn included), the stage's pixel limits, boxes drawn by
+the stage's own drawing code, prompts filled by the stage's own functions, and answers in the
+form the stage's parser or scorer accepts within its token budget (``hic.demo_vlm_examples``).
 
-Scenes come from ``demo_world.make_scene`` with a generator of their own (``TRAIN_STREAM``),
-never the demo URL list's or the benchmark's (those spawn from ``SeedSequence(seed)``), and
-are rendered on the fly. Everything is seeded: on one CPU thread a run is deterministic.
+The vision tower learns to see first (``pretrain_vision``): object crops classified by class
+and colour through a linear head used only in training. Its crops come from single-object
+scenes: in the workflow's scenes objects overlap, so a crop often shows more of another object
+than of its own, and that ambiguity halves how fast the tower learns shapes. Then each step
+trains every task on a batch of its own: scene captions; one region of each of a few scenes
+with its box drawn, asked for the verdict (true and wrong label, a balanced pair), the
+correction and the region caption, all three reading one computation of its visual tokens;
+the head's lesson on those tokens (what each shows, how much of it is in the box); the
+scenes' objects cropped and named ("Red ball", how the language side learns colour and class
+words); and the refinement, text only. A task's loss is taken on its answer tokens only, and
+the language model head runs on those positions alone (most positions are prompt and image).
 
-Measured (bench/demo_vlm.py, 100 held-out scenes through the stage's code): every caption
-``ok``, about half the objects' colours named, but their classes less often than naming the
-three commonest classes would: in a CPU budget of minutes the 2-layer tower learns shapes
-slowly (see bench/RESULTS.md).
+Scenes come from ``demo_world.make_scene`` with generators of their own (``TRAIN_STREAM``),
+never the demo URL list's or the benchmark's (those spawn from ``SeedSequence(seed)``), and are
+rendered on the fly. Everything is seeded: on one CPU thread a run is deterministic.
+
+Measured held-out through each stage's code: bench/demo_vlm.py, bench/RESULTS.md.
 """
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
-import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,11 +42,14 @@ from transformers import (
     GenerationConfig,
     ProcessorMixin,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
     get_scheduler,
 )
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from hic import demo_vlm_examples as ex
 from hic import demo_world as dw
-from hic.models import chat_messages
+from hic.region_images import fill
 from hic.tiny_models import (
     scene_sentences,
     tiny_qwen2_5_vl_config,
@@ -54,11 +59,27 @@ from hic.tiny_models import (
 
 #: Entropy of the training scenes' generator, beside the run's seed: a list entropy that no
 #: ``SeedSequence(seed)`` of the demo world (its URL list, noise, benchmark and classification
-#: streams) can equal. Held-out evaluation scenes take the stream after it.
+#: streams) can equal. Held-out evaluation scenes take the stream after it; the vision tower's
+#: single-object scenes the one after that.
 TRAIN_STREAM = 14_000_014
 EVAL_STREAM = TRAIN_STREAM + 1
-#: The per-object question: short, and asked without a system turn, so it costs a few tokens.
-OBJECT_PROMPT = "What is this?"
+VISION_STREAM = TRAIN_STREAM + 2
+#: Prompt key -> the stage's prompt file under prompts/: the scene captions (caption_scene),
+#: the verdict and the correction (verify_labels, under the keys it reads them by), the
+#: region caption (caption_regions) and the refinement (refine_regions).
+PROMPT_FILES = {
+    "short": "scene_short.txt",
+    "long": "scene_long.txt",
+    "verify": "verify_label.txt",
+    "correct": "correct_label.txt",
+    "region": "region_caption.txt",
+    "refine": "region_refine.txt",
+}
+#: Copies of each prompt in the tokenizer's corpus: enough that its words become tokens of
+#: their own, as a real tokenizer's are, so a prompt costs tokens like a real model's.
+PROMPT_COPIES = 100
+#: The chat template's default system turn, which every stage's prompt carries.
+SYSTEM_TURN = "You are a helpful assistant."
 
 
 @dataclass(frozen=True)
@@ -66,21 +87,41 @@ class VlmTrainSettings:
     """One training run of the demo VLM; every value that changes the weights."""
 
     seed: int = 0
-    vision_steps: int = 1000  # the vision tower alone first (pretrain_vision)
-    steps: int = 260
-    # Per step: a batch of object crops and a batch of scene captions (short or long).
+    # The vision tower alone first (pretrain_vision), on crops of single-object scenes.
+    vision_steps: int = 400
+    vision_lr: float = 1e-2
     object_batch: int = 48
-    scene_batch: int = 16
+    crop_margin: tuple[float, float] = (0.1, 0.5)  # context around a box, of its size
+    # Then every task at once, each step a batch of each (0 leaves a task out).
+    steps: int = 260
+    scene_batch: int = 16  # scene captions, short or long
     long_every: int = 4  # every fourth scene batch asks the long caption
+    refine_batch: int = 4
+    # The region tasks share one set of drawn regions per step (the first n of them each),
+    # whose visual tokens are computed once.
+    verify_batch: int = 8  # regions, each asked with its true and a wrong label
+    correct_batch: int = 8
+    region_batch: int = 8
+    # Objects of those regions' scenes cropped and named ("Red ball"; at most this many a
+    # step): how the language side learns colour and class words from the tower.
+    object_names: int = 24
+    # Wrong labels that the image shows outside the box. Uniform ones (0) are what the
+    # evaluation asks; the verdict's box-dependence is measured apart (reject_shown_elsewhere).
+    hard_negatives: float = 0.0
+    # The tower's head keeps teaching it on those regions' visual tokens: what each shows
+    # and how much of it lies in the box (0: off).
+    cell_weight: float = 1.0
     lr: float = 3e-3
-    warmup: int = 30
+    warmup: int = 20
     weight_decay: float = 0.01
-    # The demo world's images (config.yaml demo_world) and the stage's pixel limits.
+    # The demo world's images (config.yaml demo_world), the stages' pixel limits and box.
     width: int = 192
     height: int = 144
     objects_per_image: tuple[int, int] = (2, 5)
     min_pixels: int = 3136
     max_pixels: int = 50176
+    box_colour: str = "red"
+    box_width: int = 3
     # The stage's long-caption token budget: the reference paragraph is cut at a sentence
     # boundary to fit it, with room for the end token.
     long_tokens: int = 96
@@ -91,169 +132,243 @@ class VlmTrainSettings:
     vision_layers: int = 2
     patch_size: int = 14
     tokenizer_scenes: int = 1000
-    crop_margin: tuple[float, float] = (0.1, 0.5)  # context around a box, of its size
 
     def record(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
 
+    def box(self) -> ex.Box:
+        return ex.Box(self.box_colour, self.box_width)
+
 
 # ---------------------------------------------------------------- data
-def scene_stream(seed: int, stream: int, settings: VlmTrainSettings) -> Iterator[dw.Scene]:
+def scene_stream(
+    seed: int, stream: int, settings: VlmTrainSettings, objects: tuple[int, int] | None = None
+) -> Iterator[dw.Scene]:
     rng = np.random.default_rng([stream, seed])
+    objects = objects or settings.objects_per_image
     while True:
-        yield dw.make_scene(rng, settings.width, settings.height, settings.objects_per_image)
+        yield dw.make_scene(rng, settings.width, settings.height, objects)
 
 
-def as_downloaded(scene: dw.Scene) -> Image.Image:
-    """The scene as the stage reads it: rendered and stored as the demo world's JPEG."""
-    buf = io.BytesIO()
-    dw.render(scene).save(buf, "JPEG", quality=90)
-    buf.seek(0)
-    return Image.open(buf).convert("RGB")
-
-
-def crop_object(image: Image.Image, bbox: Sequence[int], margin: float) -> Image.Image:
-    x, y, w, h = bbox
-    mx, my = round(margin * w), round(margin * h)
-    box = (
-        max(0, x - mx),
-        max(0, y - my),
-        min(image.width, x + w + mx),
-        min(image.height, y + h + my),
-    )
-    return image.crop(box)
-
-
-def long_target(scene: dw.Scene, tokenizer, budget: int) -> str:
-    """The reference long caption's leading sentences that fit ``budget`` tokens (its end
-    token included): the stage cuts an answer at its token limit and calls it truncated."""
-    sentences = dw.long_caption(scene).split(". ")
-    sentences = [s if s.endswith(".") else s + "." for s in sentences]
-    kept = sentences[:1]
-    for s in sentences[1:]:
-        text = " ".join([*kept, s])
-        if len(tokenizer(text)["input_ids"]) + 1 > budget:
-            break
-        kept.append(s)
-    return " ".join(kept)
-
-
-def tokenizer_corpus(settings: VlmTrainSettings) -> Iterator[str]:
-    """The stock tiny corpus and the training scenes' captions: the demo's words become
-    single tokens, so captions are short in tokens (a long caption fits the stage's budget)."""
+def tokenizer_corpus(settings: VlmTrainSettings, prompts: dict[str, str]) -> Iterator[str]:
+    """The stock tiny corpus, the training scenes' answers of every task and the stages'
+    prompts: the demo's words become single tokens, so answers fit the stages' budgets."""
     yield from scene_sentences()
     scenes = scene_stream(settings.seed, TRAIN_STREAM, settings)
     for scene in itertools.islice(scenes, settings.tokenizer_scenes):
         yield dw.short_caption(scene)
         yield dw.long_caption(scene)
+        for region in dw.regions(scene):
+            yield ex.region_caption_answer(region)
+            yield ex.refine_answer(region)
+            yield from ("yes", "no", region["label"])  # a verdict is one token, as in Qwen's
+    filled = [
+        fill(prompts[k], colour=settings.box_colour, label="", caption="") for k in sorted(prompts)
+    ]
+    for _ in range(PROMPT_COPIES):
+        yield from (SYSTEM_TURN, *filled)
 
 
-def object_answer(o: dw.SceneObject) -> str:
-    """ "Red ball": the colour capitalised as a caption starts, one token each for the demo."""
-    return f"{o.colour.capitalize()} {o.label}"
+@dataclass
+class Batch:
+    """One task's batch: model inputs, and for the region tasks the index of the step's drawn
+    region each sequence shows (their visual tokens are computed once for all tasks)."""
+
+    inputs: dict
+    views: list[int] | None = None
 
 
-def object_text(processor: ProcessorMixin, answer: str) -> str:
-    """A user turn holding the crop and ``OBJECT_PROMPT``, then the answer: no system turn."""
-    return (
-        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
-        f"{OBJECT_PROMPT}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n"
-    )
+@dataclass
+class Shown:
+    """The step's drawn regions: scene, reference region, the image with its box, and the
+    image as stored (without it)."""
 
-
-def stage_text(processor: ProcessorMixin, prompt: str, answer: str) -> str:
-    """The stage's chat prompt (``hic.models.chat_messages`` through the processor's
-    template, as ``generate_texts`` renders it), then the answer and its end token."""
-    head = processor.apply_chat_template(
-        chat_messages(prompt), add_generation_prompt=True, tokenize=False
-    )
-    return f"{head}{answer}<|im_end|>\n"
-
-
-def batch_inputs(processor: ProcessorMixin, texts: list[str], images: list[Image.Image]) -> dict:
-    """Right-padded inputs with labels on each answer and its end token only."""
-    processor.tokenizer.padding_side = "right"
-    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
-    ids = inputs["input_ids"]
-    tok = processor.tokenizer
-    start = tok.convert_tokens_to_ids("<|im_start|>")
-    head = len(tok("assistant\n")["input_ids"])
-    labels = torch.full_like(ids, -100)
-    for row in range(ids.shape[0]):
-        first = int((ids[row] == start).nonzero()[-1]) + 1 + head
-        last = int(inputs["attention_mask"][row].sum()) - 1  # the trailing newline: unlabelled
-        labels[row, first:last] = ids[row, first:last]
-    inputs["labels"] = labels
-    return inputs
+    scenes: list[dw.Scene]
+    regions: list[dict]
+    images: list[Image.Image]
+    stored: list[Image.Image]
 
 
 @dataclass
 class Batches:
-    """On-the-fly training batches from the training scene stream."""
+    """On-the-fly batches of every task from a scene stream (the training one by default)."""
 
     processor: ProcessorMixin
     prompts: dict[str, str]
     settings: VlmTrainSettings
+    stream: int = TRAIN_STREAM  # EVAL_STREAM: held-out batches
     rng: np.random.Generator = field(init=False)
 
     def __post_init__(self) -> None:
-        self.rng = np.random.default_rng([TRAIN_STREAM, self.settings.seed, 1])
-        self.scenes = scene_stream(self.settings.seed, TRAIN_STREAM, self.settings)
-        self.pending: list[tuple[Image.Image, dw.SceneObject]] = []
-
-    def objects(self) -> dict:
-        images, picked = self.crops()
-        texts = [object_text(self.processor, object_answer(o)) for o in picked]
-        return batch_inputs(self.processor, texts, images)
+        seed = self.settings.seed
+        self.rng = np.random.default_rng([self.stream, seed, 1])
+        self.scenes = scene_stream(seed, self.stream, self.settings)
+        self.single = scene_stream(seed, VISION_STREAM, self.settings, (1, 1))
+        self.box = self.settings.box()
 
     def crops(self) -> tuple[list[Image.Image], list[dw.SceneObject]]:
-        """``object_batch`` reference boxes with some context, from the next scenes."""
-        n, lo, hi = self.settings.object_batch, *self.settings.crop_margin
-        while len(self.pending) < n:
-            scene = next(self.scenes)
-            image = as_downloaded(scene)
-            self.pending += [(image, o) for o in scene.objects]
-        picked, self.pending = self.pending[:n], self.pending[n:]
-        images = [crop_object(im, o.bbox, float(self.rng.uniform(lo, hi))) for im, o in picked]
-        return images, [o for _, o in picked]
+        """``object_batch`` objects, each from a single-object scene, with some context."""
+        lo, hi = self.settings.crop_margin
+        scenes = list(itertools.islice(self.single, self.settings.object_batch))
+        images = [
+            ex.crop_object(ex.as_downloaded(s), s.objects[0].bbox, float(self.rng.uniform(lo, hi)))
+            for s in scenes
+        ]
+        return images, [s.objects[0] for s in scenes]
 
-    def scene(self, kind: str) -> dict:
+    def scene(self, kind: str) -> Batch:
         scenes = list(itertools.islice(self.scenes, self.settings.scene_batch))
         tok = self.processor.tokenizer
         if kind == "short":
             answers = [dw.short_caption(s) for s in scenes]
         else:
-            answers = [long_target(s, tok, self.settings.long_tokens) for s in scenes]
-        texts = [stage_text(self.processor, self.prompts[kind], a) for a in answers]
-        return batch_inputs(self.processor, texts, [as_downloaded(s) for s in scenes])
+            answers = [ex.long_target(s, tok, self.settings.long_tokens) for s in scenes]
+        texts = [ex.stage_text(self.processor, self.prompts[kind], a) for a in answers]
+        return Batch(ex.batch_inputs(self.processor, texts, [ex.as_downloaded(s) for s in scenes]))
+
+    def refine(self) -> Batch:
+        examples = []
+        for scene in itertools.islice(self.scenes, self.settings.refine_batch):
+            regions = dw.regions(scene)
+            region = regions[int(self.rng.integers(len(regions)))]
+            raw = ex.raw_region_caption(region, self.rng, self.box)
+            examples.append(ex.refine_example(region, raw, self.prompts["refine"]))
+        return Batch(ex.example_inputs(self.processor, examples))
+
+    def shown(self) -> Shown:
+        """One region of each of the next scenes with its box drawn, as the stages show it:
+        a random one of the scene's objects and its two bands."""
+        s = self.settings
+        n = max(s.verify_batch, s.correct_batch, s.region_batch)
+        scenes = list(itertools.islice(self.scenes, n))
+        regions = []
+        for scene in scenes:
+            candidates = dw.regions(scene)
+            regions.append(candidates[int(self.rng.integers(len(candidates)))])
+        stored = [ex.as_downloaded(scene) for scene in scenes]
+        images = [
+            ex.drawn_view(image, region, self.box)
+            for image, region in zip(stored, regions, strict=True)
+        ]
+        return Shown(scenes, regions, images, stored)
+
+    def objects(self, shown: Shown) -> Batch:
+        """The shown scenes' objects cropped with some context and named "<Colour> <class>"."""
+        lo, hi = self.settings.crop_margin
+        picked = [
+            (im, o) for im, s in zip(shown.stored, shown.scenes, strict=True) for o in s.objects
+        ]
+        picked = picked[: self.settings.object_names]
+        crops = [ex.crop_object(im, o.bbox, float(self.rng.uniform(lo, hi))) for im, o in picked]
+        texts = [ex.object_text(ex.object_answer(o)) for _, o in picked]
+        return Batch(ex.batch_inputs(self.processor, texts, crops))
+
+    def region_tasks(self, shown: Shown) -> dict[str, Batch]:
+        """Verification pairs, corrections and region captions of the shown regions."""
+        s, prompts, box = self.settings, self.prompts, self.box
+        drawn = list(zip(shown.scenes, shown.regions, shown.images, strict=True))
+        wrong = [self.wrong(region, scene) for scene, region, _ in drawn]
+        examples: dict[str, list[tuple[int, ex.Example]]] = {
+            "verify": [
+                (i, e)
+                for i, (_, region, view) in enumerate(drawn[: s.verify_batch])
+                for e in ex.verify_examples(view, region, wrong[i], prompts["verify"], box)
+            ],
+            "correct": [
+                (i, ex.correct_example(view, region, wrong[i], prompts["correct"], box))
+                for i, (_, region, view) in enumerate(drawn[: s.correct_batch])
+            ],
+            "region": [
+                (i, ex.region_example(view, region, prompts["region"], box))
+                for i, (_, region, view) in enumerate(drawn[: s.region_batch])
+            ],
+        }
+        return {
+            task: Batch(self.inputs([e for _, e in pairs]), [i for i, _ in pairs])
+            for task, pairs in examples.items()
+            if pairs
+        }
+
+    def inputs(self, examples: list[ex.Example]) -> dict:
+        return ex.example_inputs(self.processor, examples)
+
+    def wrong(self, region: dict, scene: dw.Scene) -> str:
+        return ex.wrong_label(region, scene, self.rng, self.settings.hard_negatives)
+
+    def tasks(self, step: int) -> tuple[Shown | None, dict[str, Batch]]:
+        """The step's drawn regions (None when no region task is trained) and the batch of
+        every task it trains."""
+        s = self.settings
+        kind = "long" if step % s.long_every == s.long_every - 1 else "short"
+        batches = {kind: self.scene(kind)} if s.scene_batch else {}
+        if s.refine_batch:
+            batches["refine"] = self.refine()
+        regions = max(s.verify_batch, s.correct_batch, s.region_batch)
+        shown = self.shown() if regions else None
+        if shown and s.object_names:
+            batches["object"] = self.objects(shown)
+        return shown, batches | (self.region_tasks(shown) if shown else {})
+
+
+def answer_loss(model, inputs: dict, features: Sequence[torch.Tensor] | None = None):
+    """The model's mean cross-entropy on the labelled tokens, as ``model(**inputs).loss``,
+    with the language model head run on the labelled positions only. ``features``: each
+    sequence's visual tokens computed before (shared by the tasks that show one image)."""
+    rest = {k: v for k, v in inputs.items() if k != "labels"}
+    if features is not None:
+        del rest["pixel_values"]
+        rest["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+    hidden = model.model(**rest).last_hidden_state
+    targets = inputs["labels"][:, 1:]
+    keep = targets != -100
+    logits = model.lm_head(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+
+
+def cell_loss(head, features: Sequence[torch.Tensor], shown: Shown, grids) -> torch.Tensor:
+    """The tower's lesson on the drawn regions: each visual token's class, colour and share
+    inside the box, through the training-only head."""
+    targets = [
+        ex.cell_targets(scene, region, int(g[1]) // 2, int(g[2]) // 2)
+        for scene, region, g in zip(shown.scenes, shown.regions, grids, strict=True)
+    ]
+    logits = head(torch.cat(list(features)))
+    classes, colours, inside = (
+        torch.from_numpy(np.concatenate(t)) for t in zip(*targets, strict=True)
+    )
+    n, f = len(ex.CLASS_IDS), torch.nn.functional
+    loss = f.cross_entropy(logits[:, :n], classes)
+    loss = loss + f.cross_entropy(logits[:, n:-1], colours, ignore_index=-100)
+    return loss + f.binary_cross_entropy_with_logits(logits[:, -1], inside)
 
 
 # ---------------------------------------------------------------- vision first
-CLASS_IDS = {label: i for i, label in enumerate(dw.CLASSES)}
-COLOUR_IDS = {colour: i for i, colour in enumerate(dw.COLOURS)}
+def vision_head(model) -> torch.nn.Linear:
+    """The tower's training-only head on a visual token: class (things, then bands), colour,
+    and whether it lies in the drawn box."""
+    width = model.model.visual.config.out_hidden_size
+    return torch.nn.Linear(width, len(ex.CLASS_IDS) + len(ex.COLOUR_IDS) + 1)
 
 
-def pretrain_vision(model, batches: Batches, steps: int, lr: float, log=print) -> list[dict]:
+def pretrain_vision(model, head, batches: Batches, steps: int, lr: float, log=print) -> list[dict]:
     """Teach the vision tower to see before it talks: object crops classified (class and
-    colour) from the mean of their visual tokens by a linear head used only here, so the
+    colour) from the mean of their visual tokens by ``head``, used only in training, so the
     tower gets its gradient straight rather than through the language model's answers."""
-    visual = model.model.visual
-    head = torch.nn.Linear(visual.config.out_hidden_size, len(CLASS_IDS) + len(COLOUR_IDS))
-    params = [*visual.parameters(), *head.parameters()]
+    params = [*model.model.visual.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = get_scheduler(
         "cosine", optimizer, num_warmup_steps=steps // 10, num_training_steps=steps
     )
-    n, history, hits = len(CLASS_IDS), [], []
+    n, history, hits = len(ex.CLASS_IDS), [], []  # crops are things: bands are never right
     for step in range(steps):
         images, picked = batches.crops()
         inputs = batches.processor.image_processor(images, return_tensors="pt")
         features = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
         logits = head(torch.stack([f.mean(0) for f in features.pooler_output]))
-        classes = torch.tensor([CLASS_IDS[o.label] for o in picked])
-        colours = torch.tensor([COLOUR_IDS[o.colour] for o in picked])
+        classes = torch.tensor([ex.CLASS_IDS[o.label] for o in picked])
+        colours = torch.tensor([ex.COLOUR_IDS[o.colour] for o in picked])
         loss = torch.nn.functional.cross_entropy(logits[:, :n], classes)
-        loss = loss + torch.nn.functional.cross_entropy(logits[:, n:], colours)
+        loss = loss + torch.nn.functional.cross_entropy(logits[:, n:-1], colours)
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -269,10 +384,10 @@ def pretrain_vision(model, batches: Batches, steps: int, lr: float, log=print) -
 
 
 # ---------------------------------------------------------------- model
-def build_model(settings: VlmTrainSettings):
+def build_model(settings: VlmTrainSettings, prompts: dict[str, str]):
     """(model, processor): a fresh Qwen2.5-VL at the settings' sizes, its tokenizer learned
-    on the stock tiny corpus plus training-scene captions."""
-    tokenizer = train_qwen_tokenizer(tokenizer_corpus(settings))
+    on the stock tiny corpus, the training scenes' answers and the stages' prompts."""
+    tokenizer = train_qwen_tokenizer(tokenizer_corpus(settings, prompts))
     config = tiny_qwen2_5_vl_config(tokenizer)
     text, vision = config.text_config, config.vision_config
     head_dim = text.hidden_size // text.num_attention_heads
@@ -297,25 +412,54 @@ def build_model(settings: VlmTrainSettings):
         pad_token_id=text.pad_token_id,
     )
     processor = tiny_qwen2_5_vl_processor(tokenizer)
+    # The stages' pixel limits, which the saved processor then carries too.
+    processor.image_processor = Qwen2VLImageProcessor(
+        min_pixels=settings.min_pixels, max_pixels=settings.max_pixels
+    )
     for proc in (processor.image_processor, processor.video_processor):
         proc.patch_size = settings.patch_size
     return model, processor
 
 
+def train_step(model, head, batches: Batches, step: int) -> dict[str, float]:
+    """Every task's loss on its batch of the step, back-propagated together; the drawn
+    regions' visual tokens are computed once and shared by the region tasks."""
+    shown, tasks = batches.tasks(step)
+    losses = {}
+    features = None
+    if shown is not None:
+        pixels = batches.processor.image_processor(shown.images, return_tensors="pt")
+        grids = pixels["image_grid_thw"]
+        features = model.get_image_features(pixels["pixel_values"], grids).pooler_output
+        if batches.settings.cell_weight:
+            cells = cell_loss(head, features, shown, grids)
+            losses["cells"] = batches.settings.cell_weight * cells
+    for task, batch in tasks.items():
+        shared = None if batch.views is None else [features[i] for i in batch.views]
+        losses[task] = answer_loss(model, batch.inputs, shared)
+    sum(losses.values()).backward()
+    return {task: round(loss.item(), 4) for task, loss in losses.items()}
+
+
 def train_vlm(
     out_dir: Path, prompts: dict[str, str], settings: VlmTrainSettings, log=print
 ) -> dict:
-    """Train and save the model with its processor to ``out_dir``; returns the run's record."""
-    started = time.perf_counter()
-    model, processor = build_model(settings)
+    """Train and save the model with its processor to ``out_dir``; returns the run's record.
+
+    ``prompts`` holds every stage's prompt text by the keys of ``PROMPT_FILES``."""
+    if missing := sorted(set(PROMPT_FILES) - set(prompts)):
+        raise ValueError(f"prompts missing for {missing}; expected keys {list(PROMPT_FILES)}")
+    started, cpu = time.perf_counter(), time.process_time()
+    model, processor = build_model(settings, prompts)
     model.train()
     batches = Batches(processor, prompts, settings)
-    vision = pretrain_vision(model, batches, settings.vision_steps, settings.lr, log)
+    head = vision_head(model)
+    vision = pretrain_vision(model, head, batches, settings.vision_steps, settings.vision_lr, log)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW(
         [
-            {"params": decay, "weight_decay": settings.weight_decay},
+            {"params": decay + list(head.parameters()), "weight_decay": settings.weight_decay},
             {"params": rest, "weight_decay": 0.0},
         ],
         lr=settings.lr,
@@ -325,15 +469,7 @@ def train_vlm(
     )
     history = []
     for step in range(settings.steps):
-        kind = "long" if step % settings.long_every == settings.long_every - 1 else "short"
-        losses = {}
-        tasks = [("object", batches.objects)] if settings.object_batch else []
-        if settings.scene_batch:
-            tasks.append((kind, lambda kind=kind: batches.scene(kind)))
-        for task, make in tasks:
-            loss = model(**make()).loss
-            loss.backward()
-            losses[task] = round(loss.item(), 4)
+        losses = train_step(model, head, batches, step)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
@@ -353,92 +489,11 @@ def train_vlm(
         "settings": settings.record(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "seconds": round(time.perf_counter() - started, 1),
+        "cpu_seconds": round(time.process_time() - cpu, 1),
     }
     (out_dir / "hic_model.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     return {**card, "history": vision + history}
 
 
-# ---------------------------------------------------------------- evaluation
-def held_out_loss(model, processor, prompts: dict[str, str], scenes, kind: str = "short") -> float:
-    """The model's mean loss on the reference answers of ``scenes`` to the stage's prompt."""
-    answers = [dw.short_caption(s) for s in scenes]
-    texts = [stage_text(processor, prompts[kind], a) for a in answers]
-    inputs = batch_inputs(processor, texts, [as_downloaded(s) for s in scenes])
-    with torch.inference_mode():
-        return float(model(**inputs).loss)
-
-
 def held_out_scenes(n: int, settings: VlmTrainSettings) -> list[dw.Scene]:
     return list(itertools.islice(scene_stream(settings.seed, EVAL_STREAM, settings), n))
-
-
-def evaluate_captions(
-    model_dir: Path,
-    prompts: dict[str, str],
-    scenes: Sequence[dw.Scene],
-    caption_settings: dict | None = None,
-) -> dict:
-    """Scene captions of held-out scenes through the stage's own code (its backend, prompts,
-    budgets, judging) scored as ``dataset_stats`` scores a release against the reference."""
-    from hic.caption_scene import CaptionSettings, caption_batch
-    from hic.dataset_stats import scene_caption_scores
-    from hic.models import ModelRef
-    from hic.vlm import make_backend
-
-    settings = CaptionSettings(**(caption_settings or {}))
-    backend = make_backend(
-        settings.backend,
-        ModelRef(str(model_dir)),
-        min_pixels=settings.min_pixels,
-        max_pixels=settings.max_pixels,
-        decoding=settings.decoding(),
-        batch_size=settings.batch_size,
-    )
-    images = [(f"{i:04d}", as_downloaded(s)) for i, s in enumerate(scenes)]
-    rows = []
-    for k in range(0, len(images), 32):
-        rows += caption_batch(backend, images[k : k + 32], prompts, settings, {})
-    pairs = [
-        (
-            {"short_caption": r["short_caption"], "scene_status": r["status"]},
-            {"short_caption": dw.short_caption(s), "regions": dw.regions(s)},
-        )
-        for r, s in zip(rows, scenes, strict=True)
-    ]
-    scores = scene_caption_scores(pairs, list(dw.COLOURS)).iloc[0].to_dict()
-    statuses = {}
-    for r in rows:
-        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
-    # Objects the reference short caption names, and how many of them the model names.
-    in_ref = named_in_ref = 0
-    for r, s in zip(rows, scenes, strict=True):
-        ref = dw.short_caption(s).lower()
-        for o in s.objects:
-            if f"{o.colour} {o.label}" in ref:
-                in_ref += 1
-                named_in_ref += (
-                    bool(r["short_caption"])
-                    and f"{o.colour} {o.label}" in r["short_caption"].lower()
-                )
-    scores |= {
-        "status": statuses,
-        "reference_objects": in_ref,
-        "reference_objects_named_with_colour": named_in_ref,
-        "examples": [
-            (r["short_caption"], dw.short_caption(s))
-            for r, s in zip(rows[:5], scenes[:5], strict=True)
-        ],
-        "long_examples": [r["long_caption"] or r["reason"] for r in rows[:2]],
-    }
-    return scores
-
-
-def random_share(scenes: Sequence[dw.Scene]) -> float:
-    """Objects named by always naming the three commonest classes of ``scenes``: guessing."""
-    counts: dict[str, int] = {}
-    for s in scenes:
-        for o in s.objects:
-            counts[o.label] = counts.get(o.label, 0) + 1
-    top = sorted(counts, key=counts.get, reverse=True)[:3]
-    total = sum(counts.values())
-    return sum(counts[c] for c in top) / total if total else math.nan
