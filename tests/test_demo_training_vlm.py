@@ -21,6 +21,7 @@ from hic.demo_training_vlm import (
     build_model,
     held_out_scenes,
     scene_stream,
+    train_demo,
     train_vlm,
 )
 from hic.demo_vlm_eval import evaluate_verification, held_out_losses, stage_backend
@@ -147,8 +148,10 @@ def test_training_is_deterministic(tmp_path):
         SMALL, vision_steps=2, steps=2, object_batch=4, scene_batch=2, tokenizer_scenes=20
     )
     weights = []
+    # through the workflow's entry, which reads the stages' prompt files
+    files = {Path(f).stem: ROOT / "prompts" / f for f in PROMPT_FILES.values()}
     for name in ("a", "b"):
-        train_vlm(tmp_path / name, PROMPTS, tiny, log=lambda _: None)
+        train_demo(tmp_path / name, files, settings=tiny, log=lambda _: None)
         weights.append((tmp_path / name / "model.safetensors").read_bytes())
     assert weights[0] == weights[1]
 

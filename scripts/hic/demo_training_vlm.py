@@ -211,7 +211,7 @@ class Batches:
         lo, hi = self.settings.crop_margin
         scenes = list(itertools.islice(self.single, self.settings.object_batch))
         images = [
-            ex.crop_object(ex.as_downloaded(s), s.objects[0].bbox, float(self.rng.uniform(lo, hi)))
+            ex.crop_object(dw.as_downloaded(s), s.objects[0].bbox, float(self.rng.uniform(lo, hi)))
             for s in scenes
         ]
         return images, [s.objects[0] for s in scenes]
@@ -224,7 +224,7 @@ class Batches:
         else:
             answers = [ex.long_target(s, tok, self.settings.long_tokens) for s in scenes]
         texts = [ex.stage_text(self.processor, self.prompts[kind], a) for a in answers]
-        return Batch(ex.batch_inputs(self.processor, texts, [ex.as_downloaded(s) for s in scenes]))
+        return Batch(ex.batch_inputs(self.processor, texts, [dw.as_downloaded(s) for s in scenes]))
 
     def refine(self) -> Batch:
         examples = []
@@ -245,7 +245,7 @@ class Batches:
         for scene in scenes:
             candidates = dw.regions(scene)
             regions.append(candidates[int(self.rng.integers(len(candidates)))])
-        stored = [ex.as_downloaded(scene) for scene in scenes]
+        stored = [dw.as_downloaded(scene) for scene in scenes]
         images = [
             ex.drawn_view(image, region, self.box)
             for image, region in zip(stored, regions, strict=True)
@@ -497,3 +497,18 @@ def train_vlm(
 
 def held_out_scenes(n: int, settings: VlmTrainSettings) -> list[dw.Scene]:
     return list(itertools.islice(scene_stream(settings.seed, EVAL_STREAM, settings), n))
+
+
+def train_demo(
+    out_dir: Path,
+    inputs: dict[str, Path],
+    *,
+    seed: int = 0,
+    log=print,
+    settings: VlmTrainSettings | None = None,
+) -> dict:
+    """The workflow's entry (train_demo_model): ``inputs`` holds the VLM stages' prompt files
+    by their stem (``scene_short``...), taught as the stages ask them."""
+    prompts = {key: inputs[Path(name).stem].read_text() for key, name in PROMPT_FILES.items()}
+    settings = settings or VlmTrainSettings(seed=seed)
+    return train_vlm(out_dir, prompts, settings, log=log)

@@ -82,7 +82,7 @@ def held_out_regions(scenes: Sequence[dw.Scene], seed: int = 0) -> list[HeldOut]
 
 
 def drawn_views(scenes, held: list[HeldOut], box: ex.Box) -> list:
-    images = {i: ex.as_downloaded(scene) for i, scene in enumerate(scenes)}
+    images = {i: dw.as_downloaded(scene) for i, scene in enumerate(scenes)}
     return [ex.drawn_view(images[h.scene], h.region, box) for h in held]
 
 
@@ -207,7 +207,7 @@ def evaluate_refinement(backend, template: str, scenes, max_new_tokens: int, see
 def evaluate_captions(backend, prompts: dict[str, str], scenes, settings: CaptionSettings):
     """Scene captions of held-out scenes through the stage's own code (its backend, prompts,
     budgets, judging) scored as ``dataset_stats`` scores a release against the reference."""
-    images = [(f"{i:04d}", ex.as_downloaded(s)) for i, s in enumerate(scenes)]
+    images = [(f"{i:04d}", dw.as_downloaded(s)) for i, s in enumerate(scenes)]
     rows = in_batches(images, 32, lambda b: caption_batch(backend, b, prompts, settings, {}))
     pairs = [
         (

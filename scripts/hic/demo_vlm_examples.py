@@ -1,9 +1,9 @@
 """The demo VLM's training examples, each built as its stage asks it.
 
-The scene as a stage reads it (``as_downloaded``), the chat text a stage renders
-(``stage_text``) with labels on the answer only (``batch_inputs``), the region tasks as one
-(image, prompt, answer) per example, and what each visual token of a drawn region shows
-(``cell_targets``, the vision tower's training-only lesson).
+The chat text a stage renders (``stage_text``) with labels on the answer only
+(``batch_inputs``), the region tasks as one (image, prompt, answer) per example, and what
+each visual token of a drawn region shows (``cell_targets``, the vision tower's
+training-only lesson).
 
 ``verify_labels`` and ``caption_regions`` show the region's box drawn on the image by
 ``region_images.draw_box`` and fill their prompt templates by ``region_images.fill``;
@@ -16,7 +16,6 @@ region caption (the prompt asks that opening), and the JSON object ``parse_refin
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,14 +36,6 @@ COLOUR_IDS = {colour: i for i, colour in enumerate(dw.COLOURS)}
 
 
 # ---------------------------------------------------------------- what a stage sees
-def as_downloaded(scene: dw.Scene) -> Image.Image:
-    """The scene as the stage reads it: rendered and stored as the demo world's JPEG."""
-    buf = io.BytesIO()
-    dw.render(scene).save(buf, "JPEG", quality=90)
-    buf.seek(0)
-    return Image.open(buf).convert("RGB")
-
-
 def crop_object(image: Image.Image, bbox: Sequence[int], margin: float) -> Image.Image:
     x, y, w, h = bbox
     mx, my = round(margin * w), round(margin * h)
